@@ -1,0 +1,66 @@
+"""Domain errors: each carries its HTTP status and OpenAI error `type`/`code`; the API renders them."""
+
+
+class LorajobsError(Exception):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+    retryable = True  # sets `x-should-retry: false` when False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(LorajobsError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class AuthenticationError(LorajobsError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(LorajobsError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(LorajobsError):
+    status_code = 409
+    code = "conflict"
+    retryable = False
+
+
+class PayloadTooLarge(LorajobsError):
+    status_code = 413
+    code = "file_too_large"
+
+
+class ServiceUnavailable(LorajobsError):
+    status_code = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+
+class StorageError(LorajobsError):
+    status_code = 500
+    error_type = "server_error"
+    code = "storage_error"
+
+
+class ObjectNotFound(StorageError):
+    """A key that is not in object storage."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "object_not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"

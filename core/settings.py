@@ -1,0 +1,77 @@
+"""Typed settings for every part of lorajobs, read from `LORAJOBS_*` environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "changethis", "secret", "password", "admin", "test"}
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the worker and the CLI; defaults run the embedded service."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAJOBS_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="`production` refuses placeholder secrets and the embedded defaults' shortcuts."
+    )
+    data_dir: Path = Field(Path("./var"), description="Folder for the embedded default's database, broker and objects.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; default `sqlite:///<data_dir>/lorajobs.db`. PostgreSQL: `postgresql+psycopg://...`."
+    )
+    broker_url: str = Field(
+        "", description="Celery broker; default Celery's filesystem transport under `<data_dir>/broker`. Production: `redis://...`."
+    )
+    storage_url: str = Field(
+        "", description="`file://PATH` (default `file://<data_dir>/objects`) or `s3://BUCKET[/prefix]`."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS servers (MinIO, SeaweedFS, Ceph).")
+    s3_region: str = Field("us-east-1", description="S3 region name.")
+    models_dir: Path = Field(Path("./var/models"), description="Model catalogue: Hugging Face model folders keyed by id.")
+    bootstrap_api_key: str | None = Field(
+        None, description="When set, start-up ensures a project named `default` with exactly this API key."
+    )
+    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    port: int = Field(8000, description="Port the API binds to.")
+    secret_key: str = Field(
+        "dev-insecure-secret-key", description="Signs dashboard sessions and CSRF tokens; must be set in production."
+    )
+    max_upload_bytes: int = Field(1 << 30, description="Largest file `POST /v1/files` accepts (bytes).")
+    lease_seconds: int = Field(120, description="A running job's lease; a worker renews it while training.")
+    sweep_interval_seconds: float = Field(15.0, description="How often the sweep looks for expired leases.")
+    max_attempts: int = Field(3, description="A job whose worker was lost this many times fails.")
+    log_level: str = Field("INFO", description="Log level of every part.")
+    log_json: bool = Field(True, description="One JSON object per log line.")
+
+    @model_validator(mode="after")
+    def _defaults_and_secrets(self) -> "Settings":
+        data = self.data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(data / 'lorajobs.db').as_posix()}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.storage_url:
+            self.storage_url = f"file://{(data / 'objects').as_posix()}"
+        if self.environment == "production":
+            if self.secret_key.lower() in PLACEHOLDER_SECRETS or self.secret_key.startswith("dev-"):
+                raise ValueError("LORAJOBS_SECRET_KEY must be set to a real secret in production")
+            if self.bootstrap_api_key is not None and len(self.bootstrap_api_key) < 20:
+                raise ValueError("LORAJOBS_BOOTSTRAP_API_KEY is too short for production (20 characters at least)")
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of Celery's filesystem transport (embedded default)."""
+        return self.data_dir / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
