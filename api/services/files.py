@@ -1,0 +1,88 @@
+"""Uploaded datasets: streamed into storage with a sha256, validated on the cpu queue, scoped by project."""
+
+import time
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from api.schemas import FileObject
+from core import queue
+from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from core.ids import new_id
+from core.settings import Settings
+from core.storage import Storage
+from db.models import File, Project
+from db.repositories import files as repo
+from db.repositories.pagination import Page
+from db.session import after_commit
+
+UPLOAD_PURPOSES = ("fine-tune",)
+RESULTS_PURPOSE = "fine-tune-results"
+
+
+def to_object(row: File) -> FileObject:
+    return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at), filename=row.filename,
+                      purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256)
+
+
+def storage_key(project_id: str, file_id: str) -> str:
+    return f"projects/{project_id}/files/{file_id}"
+
+
+def upload(session: Session, settings: Settings, storage: Storage, project: Project, *, stream: BinaryIO,
+           filename: str | None, purpose: str, declared_size: int | None = None) -> File:
+    """Stream an upload into storage, record it as `uploaded`, and queue its validation after commit."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(f"'{purpose}' is not a supported purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
+                             param="purpose")
+    limit = settings.max_upload_bytes
+    if declared_size is not None and declared_size > limit:
+        raise PayloadTooLarge(f"The file is larger than the {limit:,}-byte limit.", param="file")
+    file_id = new_id("file")
+    key = storage_key(project.id, file_id)
+    stored = storage.put_stream(key, stream, max_bytes=limit, content_type="application/jsonl")
+    if stored.size == 0:
+        storage.delete(key)
+        raise InvalidRequest("The file is empty.", param="file", code="empty_file")
+    row = File(id=file_id, project_id=project.id, filename=(filename or "upload.jsonl")[:255], purpose=purpose,
+               bytes=stored.size, sha256=stored.sha256, storage_key=key, status="uploaded", created_at=time.time())
+    try:
+        repo.add(session, row)
+    except Exception:
+        storage.delete(key)
+        raise
+    after_commit(session, lambda: queue.send(settings, queue.VALIDATE_FILE, file_id))
+    return row
+
+
+def add_result_file(session: Session, storage: Storage, project_id: str, *, filename: str, data: bytes) -> File:
+    """A file we produce for a user (a job's metrics CSV), already processed."""
+    file_id = new_id("file")
+    key = storage_key(project_id, file_id)
+    stored = storage.put_bytes(key, data)
+    row = File(id=file_id, project_id=project_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=stored.size,
+               sha256=stored.sha256, storage_key=key, status="processed", created_at=time.time())
+    repo.add(session, row)
+    return row
+
+
+def get(session: Session, project: Project, file_id: str) -> File:
+    row = repo.get(session, project.id, file_id)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return row
+
+
+def page(session: Session, project: Project, *, purpose: str | None, after: str | None, limit: int,
+         order: str) -> Page[File]:
+    return repo.page(session, project.id, purpose=purpose, after=after, limit=limit, order=order)
+
+
+def delete(session: Session, storage: Storage, project: Project, file_id: str) -> None:
+    row = get(session, project, file_id)
+    if repo.count_active_jobs_using(session, row.id):
+        raise Conflict(f"File {file_id} is used by a queued or running fine-tuning job; cancel the job first.",
+                       param="file_id", code="file_in_use")
+    key = row.storage_key
+    repo.delete(session, row)
+    after_commit(session, lambda: storage.delete(key))

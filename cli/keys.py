@@ -1,0 +1,47 @@
+"""`lorajobs keys create | list | revoke`: API keys, straight against the database."""
+
+import time
+
+from api.services import projects
+from core.settings import get_settings
+from db.session import transaction
+
+
+def register(sub) -> None:
+    keys = sub.add_parser("keys", help="Manage API keys.").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="Create a key for a project (created if new); printed once.")
+    create.add_argument("--project", required=True)
+    create.add_argument("--name", help="A label for the key.")
+    create.set_defaults(handler=cmd_create)
+    listing = keys.add_parser("list", help="List keys (prefix, project, state).")
+    listing.add_argument("--project")
+    listing.set_defaults(handler=cmd_list)
+    revoke = keys.add_parser("revoke", help="Revoke a key by id or visible prefix.")
+    revoke.add_argument("key")
+    revoke.set_defaults(handler=cmd_revoke)
+
+
+def cmd_create(args) -> int:
+    with transaction(get_settings().database_url) as session:
+        new = projects.create_key(session, args.project, name=args.name)
+    print(new.key)
+    print(f"# key {new.row.id} for project '{new.project.name}': store it now, it is not shown again.")
+    return 0
+
+
+def cmd_list(args) -> int:
+    with transaction(get_settings().database_url) as session:
+        rows = projects.list_keys(session, args.project)
+        print(f"{'ID':<22} {'PREFIX':<13} {'PROJECT':<20} {'CREATED':<20} STATE")
+        for key, project in rows:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(key.created_at))
+            state = "revoked" if key.revoked_at else "active"
+            print(f"{key.id:<22} {key.prefix + '…':<13} {project.name:<20} {created:<20} {state}")
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    with transaction(get_settings().database_url) as session:
+        key = projects.revoke_key(session, args.key)
+        print(f"revoked {key.id} ({key.prefix}…)")
+    return 0

@@ -1,0 +1,156 @@
+"""`lorajobs up | api | worker | sweeper | migrate`: the parts of the service."""
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+from core.logging import configure_logging
+from core.settings import Settings, get_settings
+
+log = logging.getLogger("lorajobs.up")
+
+RESTART_BACKOFF_SECONDS = 2.0
+
+
+def register(sub) -> None:
+    up = sub.add_parser("up", help="Run the whole service on this machine (API, workers, sweeper).")
+    up.add_argument("--host", help="Address the API binds to (LORAJOBS_HOST).")
+    up.add_argument("--port", type=int, help="Port of the API (LORAJOBS_PORT).")
+    up.set_defaults(handler=cmd_up)
+
+    api = sub.add_parser("api", help="Run the API server.")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(handler=cmd_api)
+
+    worker = sub.add_parser("worker", help="Run a Celery worker.")
+    worker.add_argument("--queues", default="cpu,gpu", help="Comma-separated queues: cpu (datasets), gpu (training).")
+    worker.add_argument("--concurrency", type=int, default=1, help="Tasks at once (one training job per GPU).")
+    worker.add_argument("--hostname", help="Celery node name.")
+    worker.set_defaults(handler=cmd_worker)
+
+    sweeper = sub.add_parser("sweeper", help="Requeue jobs whose worker was lost (run one per deployment).")
+    sweeper.add_argument("--once", action="store_true", help="Sweep once and exit.")
+    sweeper.set_defaults(handler=cmd_sweeper)
+
+    migrate = sub.add_parser("migrate", help="Bring the database schema to the latest revision.")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(handler=cmd_migrate)
+
+
+def prepare(settings: Settings) -> None:
+    """Schema, storage bucket and bootstrap key: what every part needs before it serves."""
+    from api.services.projects import ensure_bootstrap_key
+    from core.storage import get_storage
+    from db.migrate import upgrade
+    from db.session import transaction
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    storage = get_storage(settings)
+    if hasattr(storage, "ensure_bucket"):
+        storage.ensure_bucket()
+    if settings.bootstrap_api_key:
+        with transaction(settings.database_url) as session:
+            ensure_bootstrap_key(session, settings.bootstrap_api_key)
+
+
+def cmd_migrate(args) -> int:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    prepare(settings)
+    log.info("database at the latest revision")
+    return 0
+
+
+def cmd_api(args) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+                log_config=None, access_log=False)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from worker.app import app
+
+    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--pool", "prefork",
+            "--loglevel", get_settings().log_level, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_sweeper(args) -> int:
+    from worker.lifecycle import sweep
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    while True:
+        try:
+            sweep()
+        except Exception:  # a failed sweep (database restarting) is retried at the next interval
+            log.exception("sweep failed")
+        if args.once:
+            return 0
+        time.sleep(settings.sweep_interval_seconds)
+
+
+def _part_commands(settings: Settings, host: str, port: int) -> dict[str, list[str]]:
+    me = [sys.executable, "-m", "cli.main"]
+    return {
+        "api": me + ["api", "--host", host, "--port", str(port)],
+        "worker-cpu": me + ["worker", "--queues", "cpu", "--hostname", "cpu@%h"],
+        "worker-gpu": me + ["worker", "--queues", "gpu", "--hostname", "gpu@%h"],
+        "sweeper": me + ["sweeper"],
+    }
+
+
+def cmd_up(args) -> int:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    prepare(settings)
+    from worker.catalogue import SMOLLM2_ID, install_smollm2
+
+    if not (settings.models_dir / SMOLLM2_ID / "config.json").is_file():
+        log.info("installing %s into the model catalogue (once, about 30 s)", SMOLLM2_ID)
+        install_smollm2(settings.models_dir)
+    host, port = args.host or settings.host, args.port or settings.port
+    commands = _part_commands(settings, host, port)
+    parts = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    log.info("lorajobs is up: API on http://%s:%s (docs at /docs); Ctrl-C stops every part", host, port)
+    stopping = False
+
+    def _stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while not stopping:
+        time.sleep(0.5)
+        for name, proc in list(parts.items()):
+            code = proc.poll()
+            if code is not None and not stopping:
+                log.warning("%s exited with code %s; starting it again", name, code)
+                time.sleep(RESTART_BACKOFF_SECONDS)
+                parts[name] = subprocess.Popen(commands[name])
+    log.info("stopping every part")
+    for proc in parts.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 20
+    for proc in parts.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.info("stopped")
+    return 0
