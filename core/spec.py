@@ -1,0 +1,236 @@
+"""The job spec: the whole training configuration as one pydantic model built from topic sections.
+
+The API validates it (OpenAI-style request bodies pass straight into it), the job row stores it as
+JSON, the worker re-reads it. `resolve_auto` turns the `"auto"` values into concrete numbers by the
+rule written in docs/job-spec.md. Torch-free.
+"""
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+TargetPreset = Literal["attention-qv", "attention", "all-linear"]
+
+BASE_LEARNING_RATE = 2e-4  # the QLoRA paper's rate for models up to 13B; proven on SmolLM2 here
+DEFAULT_MICRO_BATCH_SIZE = 8
+MIN_TRAINED_EXAMPLES = 100  # auto epochs train at least this many examples in total (OpenAI's rule)
+MAX_TRAINED_EXAMPLES = 25_000
+DEFAULT_EPOCHS = 3
+MAX_AUTO_EPOCHS = 25
+MAX_AUTO_BATCH_SIZE = 64
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _refuse(model: str, field: str, value: object, message: str) -> ValidationError:
+    """A validation error located at `field`, so the API's error names the parameter."""
+    return ValidationError.from_exception_data(
+        model, [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(field,), input=value)]
+    )
+
+
+class LoraSpec(BaseModel):
+    """The adapter: rank, scaling, dropout and which layers it attaches to."""
+
+    model_config = _STRICT
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: the inner dimension of the two low-rank matrices.")
+    alpha: int | None = Field(
+        None, ge=1, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA); null means 2·r."
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input during training.")
+    target_modules: list[str] | TargetPreset = Field(
+        "attention-qv",
+        description=(
+            "Layers that get an adapter: module names, or a preset resolved per architecture — `attention-qv` "
+            "(query and value projections), `attention` (all attention projections), `all-linear`."
+        ),
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) (opt-in).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower, opt-in.")
+
+    @model_validator(mode="after")
+    def _modules_named(self) -> "LoraSpec":
+        if isinstance(self.target_modules, list) and not all(m.strip() for m in self.target_modules or [""]):
+            raise _refuse("LoraSpec", "target_modules", self.target_modules, "needs at least one non-empty module name")
+        return self
+
+    @property
+    def effective_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.r
+
+
+class ModelSection(BaseModel):
+    """Which base model, and how its frozen weights are held."""
+
+    model_config = _STRICT
+
+    model: str = Field(..., min_length=1, description="Base model id from the catalogue (or a hub id where online).")
+    quantization: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="Frozen base in 4-bit NF4 (QLoRA), 4-bit FP4, or `none` (plain LoRA: bf16 on GPU, fp32 on CPU)."
+    )
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves ~0.37 bit/parameter); 4-bit only.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the 4-bit layers' matmuls; `auto` is bf16 where the device supports it."
+    )
+
+
+class DataSection(BaseModel):
+    """How examples become token rows."""
+
+    model_config = _STRICT
+
+    max_seq_length: int = Field(1024, ge=16, le=131_072, description="Examples are truncated to this many tokens.")
+    packing: bool = Field(
+        True, description="Padding-free packing: a micro batch is one row with per-example positions (no cross-attention)."
+    )
+    train_on_inputs: bool = Field(
+        False, description="Also train on system/user/prompt tokens; by default only assistant/completion tokens carry loss."
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="Share of the training file held out for validation when no validation file is given."
+    )
+
+
+class OptimizationSection(BaseModel):
+    """Epochs, batches, learning rate and its schedule."""
+
+    model_config = _STRICT
+
+    n_epochs: int | Literal["auto"] = Field("auto", description="Passes over the training data; `auto` by the written rule.")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="Examples per optimizer step (OpenAI's meaning); `auto` by the written rule."
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Examples per forward pass; batch_size / micro_batch_size is gradient accumulation."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0.0, le=1.0, description="Explicit peak learning rate; excludes learning_rate_multiplier."
+    )
+    learning_rate_multiplier: float | Literal["auto"] = Field(
+        "auto", description=f"Peak learning rate = multiplier × {BASE_LEARNING_RATE:g}; `auto` by the written rule."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of the steps spent warming the rate up from 0.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay on the adapter weights.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds data order, adapter init, dropout and the split.")
+
+
+class CheckpointSection(BaseModel):
+    """Evaluation and checkpoint cadence."""
+
+    model_config = _STRICT
+
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: at the end only.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; null: at each epoch end.")
+    save_total_limit: int | None = Field(3, ge=1, description="Keep only the newest N checkpoints; null keeps all.")
+
+
+class JobSpec(ModelSection, DataSection, OptimizationSection, CheckpointSection):
+    """A fine-tuning job's training configuration (all sections flat, as OpenAI request bodies are)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The adapter.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        for name in ("n_epochs", "batch_size"):
+            value = getattr(self, name)
+            if value != "auto" and value < 1:
+                raise _refuse("JobSpec", name, value, "must be a positive integer or 'auto'")
+        if self.learning_rate_multiplier != "auto" and self.learning_rate_multiplier <= 0:
+            raise _refuse("JobSpec", "learning_rate_multiplier", self.learning_rate_multiplier, "must be positive or 'auto'")
+        if self.learning_rate is not None and self.learning_rate_multiplier != "auto":
+            raise _refuse(
+                "JobSpec", "learning_rate_multiplier", self.learning_rate_multiplier,
+                "give either learning_rate or learning_rate_multiplier, not both",
+            )
+        if self.micro_batch_size is not None and self.batch_size != "auto":
+            if self.micro_batch_size > self.batch_size or self.batch_size % self.micro_batch_size:
+                raise _refuse(
+                    "JobSpec", "micro_batch_size", self.micro_batch_size,
+                    f"must divide batch_size ({self.batch_size}) exactly",
+                )
+        if self.quantization == "none" and self.compute_dtype == "float16":
+            raise _refuse(
+                "JobSpec", "compute_dtype", self.compute_dtype,
+                "float16 applies to 4-bit layers only; plain LoRA keeps the base in bf16 (GPU) or fp32 (CPU)",
+            )
+        return self
+
+
+class ResolvedHyperparameters(BaseModel):
+    """The concrete numbers a job trained with, and how each `auto` was chosen."""
+
+    n_epochs: int
+    batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    learning_rate_multiplier: float | None
+    auto_rules: dict[str, str] = Field(default_factory=dict)
+
+
+def _floor_power_of_two(x: float) -> int:
+    return 1 << max(0, math.floor(math.log2(x))) if x >= 1 else 1
+
+
+def _auto_epochs(n: int) -> tuple[int, str]:
+    if n * DEFAULT_EPOCHS < MIN_TRAINED_EXAMPLES:
+        epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TRAINED_EXAMPLES / n))
+        return epochs, f"{n} examples × 3 < {MIN_TRAINED_EXAMPLES}: ceil({MIN_TRAINED_EXAMPLES}/{n}) capped at {MAX_AUTO_EPOCHS} = {epochs}"
+    if n * DEFAULT_EPOCHS > MAX_TRAINED_EXAMPLES:
+        epochs = max(1, MAX_TRAINED_EXAMPLES // n)
+        return epochs, f"{n} examples × 3 > {MAX_TRAINED_EXAMPLES}: max(1, {MAX_TRAINED_EXAMPLES}//{n}) = {epochs}"
+    return DEFAULT_EPOCHS, f"{n} examples × 3 lies within [{MIN_TRAINED_EXAMPLES}, {MAX_TRAINED_EXAMPLES}]: 3"
+
+
+def _auto_batch_size(n: int) -> tuple[int, str]:
+    size = min(MAX_AUTO_BATCH_SIZE, _floor_power_of_two(n / 100))
+    return size, f"largest power of two <= max(1, {n}/100), capped at {MAX_AUTO_BATCH_SIZE} = {size}"
+
+
+def _micro_batch_size(batch_size: int, cap: int) -> int:
+    """The largest divisor of batch_size that is at most `cap`."""
+    return max(d for d in range(1, min(batch_size, cap) + 1) if batch_size % d == 0)
+
+
+def resolve_auto(spec: JobSpec, n_train_examples: int) -> ResolvedHyperparameters:
+    """Concrete epochs, batch sizes and learning rate for `n_train_examples` examples, with the rule for each auto."""
+    n = max(1, n_train_examples)
+    rules: dict[str, str] = {}
+    n_epochs = spec.n_epochs
+    if n_epochs == "auto":
+        n_epochs, rules["n_epochs"] = _auto_epochs(n)
+    batch_size = spec.batch_size
+    if batch_size == "auto":
+        batch_size, rules["batch_size"] = _auto_batch_size(n)
+    micro = spec.micro_batch_size
+    if micro is None or batch_size % micro:
+        cap = micro or DEFAULT_MICRO_BATCH_SIZE
+        micro = _micro_batch_size(batch_size, cap)
+        rules["micro_batch_size"] = f"largest divisor of batch_size {batch_size} that is <= {cap} = {micro}"
+    multiplier: float | None = None
+    if spec.learning_rate is not None:
+        learning_rate = spec.learning_rate
+    else:
+        multiplier = spec.learning_rate_multiplier
+        if multiplier == "auto":
+            multiplier = min(2.0, max(0.5, math.sqrt(batch_size / DEFAULT_MICRO_BATCH_SIZE)))
+            rules["learning_rate_multiplier"] = (
+                f"sqrt(batch_size {batch_size} / {DEFAULT_MICRO_BATCH_SIZE}) clamped to [0.5, 2] = {multiplier:g}"
+            )
+        learning_rate = multiplier * BASE_LEARNING_RATE
+    return ResolvedHyperparameters(
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=batch_size // micro,
+        learning_rate=learning_rate,
+        learning_rate_multiplier=multiplier,
+        auto_rules=rules,
+    )

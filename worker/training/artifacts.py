@@ -1,0 +1,129 @@
+"""Save: the result, the model card and the training log that go with an adapter."""
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "lorajobs")
+LOG_COLUMNS = ("step", "epoch", "train_loss", "learning_rate", "grad_norm", "tokens_seen", "valid_loss", "valid_mean_token_accuracy")
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced; `to_dict()` is JSON-serialisable."""
+
+    adapter_dir: Path
+    status: str  # "succeeded" | "cancelled"
+    trained_tokens: int
+    steps: int
+    total_steps: int
+    hyperparameters: dict
+    baseline_eval: dict | None
+    final_eval: dict | None
+    dropped_examples: dict
+    n_train_examples: int
+    n_valid_examples: int
+    truncated_examples: int
+    data_sha256: dict
+    library_versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["adapter_dir"] = str(self.adapter_dir)
+        return data
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a result depends on."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as data:
+        for chunk in iter(lambda: data.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def log_rows(log_history: list[dict]) -> list[dict]:
+    """One row per logged step from the Trainer's log history (train logs and our evaluations merged)."""
+    rows: dict[int, dict] = {}
+    for entry in log_history:
+        if "loss" not in entry and "valid_loss" not in entry:
+            continue
+        row = rows.setdefault(entry["step"], {"step": entry["step"]})
+        if "loss" in entry:
+            row.update(
+                epoch=entry.get("epoch"), train_loss=entry["loss"], learning_rate=entry.get("learning_rate"),
+                grad_norm=entry.get("grad_norm"), tokens_seen=entry.get("num_input_tokens_seen"),
+            )
+        else:
+            row.update(valid_loss=entry["valid_loss"], valid_mean_token_accuracy=entry["valid_mean_token_accuracy"])
+    return [rows[step] for step in sorted(rows)]
+
+
+def write_training_log(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult) -> None:
+    """The adapter's README.md: base model, data checksums, spec, metrics and library versions."""
+    base = spec_json["model"]
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: peft",
+        "tags: [lora, lorajobs]",
+        "---",
+        "",
+        f"# LoRA adapter for {base}",
+        "",
+        f"Trained by lorajobs ({result.status}, {result.steps} of {result.total_steps} steps, "
+        f"{result.trained_tokens} tokens). Load it with `PeftModel.from_pretrained(base, this_folder)`.",
+        "",
+        "## Data",
+        "",
+        *[f"- {name}: sha256 `{digest}`" for name, digest in result.data_sha256.items()],
+        f"- training examples: {result.n_train_examples}, validation examples: {result.n_valid_examples}, "
+        f"dropped: {result.dropped_examples['count']}, truncated: {result.truncated_examples}",
+        "",
+        "## Metrics (validation)",
+        "",
+        "| | loss | token accuracy |",
+        "|---|---|---|",
+        *[
+            f"| {label} | {ev['loss']:.4f} | {ev['token_accuracy']:.4f} |"
+            for label, ev in (("base model", result.baseline_eval), ("with adapter", result.final_eval)) if ev
+        ],
+        "",
+        "## Spec",
+        "",
+        "```json",
+        json.dumps(spec_json, indent=2),
+        "```",
+        "",
+        "## Resolved hyperparameters",
+        "",
+        "```json",
+        json.dumps(result.hyperparameters, indent=2),
+        "```",
+        "",
+        "## Library versions",
+        "",
+        *[f"- {name} {ver}" for name, ver in result.library_versions.items()],
+        "",
+    ]
+    (adapter_dir / "README.md").write_text("\n".join(lines))

@@ -1,0 +1,84 @@
+"""The Trainer callback that drives `TrainingHooks`."""
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback
+
+from worker.training.hooks import TrainingHooks
+from worker.training.model import name_base_model
+
+
+class HooksCallback(TrainerCallback):
+    """Turns Trainer events into hook calls; evaluates every `eval_steps`; stops when `should_stop()` says so."""
+
+    def __init__(
+        self, hooks: TrainingHooks, evaluate: Callable[[object], dict | None], eval_steps: int | None, base_model_id: str
+    ):
+        self.hooks = hooks
+        self.base_model_id = base_model_id
+        self.evaluate = evaluate
+        self.eval_steps = eval_steps
+        self.cancelled = False
+        self.last_metrics: dict = {}
+        self._start_time = 0.0
+        self._start_step = 0
+        self._start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_time = time.monotonic()
+        self._start_step = state.global_step
+        self._start_tokens = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hooks.should_stop and self.hooks.should_stop():
+            self.cancelled = True
+            control.should_training_stop = True
+            control.should_save = True  # the checkpoint a resumed or inspected job starts from
+            self.hooks.event("info", f"Cancellation requested: stopping at step {state.global_step}.")
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        step = state.global_step
+        self.last_metrics = {"step": step, "train_loss": logs["loss"], "learning_rate": logs["learning_rate"]}
+        if self.hooks.on_metrics:
+            self.hooks.on_metrics(dict(self.last_metrics))
+        self._report_progress(state, logs)
+        if self.eval_steps and step % self.eval_steps == 0 and step < state.max_steps and not self.cancelled:
+            self._evaluate(state, model)
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        name_base_model(path, self.base_model_id)
+        self.hooks.event("info", f"Checkpoint saved at step {state.global_step}.")
+        if self.hooks.on_checkpoint:
+            self.hooks.on_checkpoint(state.global_step, path, dict(self.last_metrics))
+
+    def _evaluate(self, state, model) -> None:
+        result = self.evaluate(model)
+        if result is None:
+            return
+        metrics = {"step": state.global_step, "valid_loss": result["loss"], "valid_mean_token_accuracy": result["token_accuracy"]}
+        self.last_metrics.update(metrics)
+        state.log_history.append(dict(metrics))  # saved with each checkpoint, so a resumed log keeps it
+        if self.hooks.on_metrics:
+            self.hooks.on_metrics(metrics)
+
+    def _report_progress(self, state, logs: dict) -> None:
+        if not self.hooks.on_progress:
+            return
+        elapsed = max(time.monotonic() - self._start_time, 1e-9)
+        steps_done = state.global_step - self._start_step
+        remaining = state.max_steps - state.global_step
+        self.hooks.on_progress({
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "epoch": state.epoch,
+            "loss": logs["loss"],
+            "learning_rate": logs["learning_rate"],
+            "tokens_seen": state.num_input_tokens_seen,
+            "tokens_per_second": (state.num_input_tokens_seen - self._start_tokens) / elapsed,
+            "eta_seconds": elapsed / steps_done * remaining if steps_done else None,
+        })

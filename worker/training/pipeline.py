@@ -1,0 +1,201 @@
+"""`train`: base model + dataset + job spec -> adapter, as a list of named steps.
+
+load data -> tokenize (format inside) -> pack (the collator) -> load model -> attach adapter -> train ->
+evaluate -> save. Knows nothing of Celery: the caller's `TrainingHooks` are its only outside contact.
+"""
+
+from functools import partial
+from pathlib import Path
+
+from core.errors import InvalidRequest
+from core.spec import JobSpec, ResolvedHyperparameters, resolve_auto
+from worker.training.artifacts import (
+    TrainingResult,
+    file_sha256,
+    library_versions,
+    log_rows,
+    write_model_card,
+    write_training_log,
+)
+from worker.training.data import TokenizedData, make_collator, read_examples, split_validation, tokenize_all
+from worker.training.evaluate import evaluate_model
+from worker.training.hooks import TrainingHooks
+from worker.training.model import (
+    attach_adapter,
+    check_4bit_layout,
+    load_base_model,
+    load_tokenizer,
+    name_base_model,
+    pick_device,
+)
+
+
+def load_data(spec: JobSpec, train_path: Path, valid_path: Path | None):
+    """Load data: training and validation examples (a separate file, or a seeded fraction of the training file)."""
+    train_examples = read_examples(train_path)
+    if valid_path is not None:
+        return train_examples, read_examples(valid_path)
+    return split_validation(train_examples, spec.validation_fraction, spec.seed)
+
+
+def tokenize_data(spec: JobSpec, tokenizer, train_examples, valid_examples) -> tuple[TokenizedData, TokenizedData]:
+    """Tokenize both sets; refuse a training set with nothing left to train on."""
+    train_data = tokenize_all(train_examples, tokenizer, spec.max_seq_length, spec.train_on_inputs)
+    valid_data = tokenize_all(valid_examples, tokenizer, spec.max_seq_length, spec.train_on_inputs)
+    if not train_data.rows:
+        raise InvalidRequest(
+            f"No training example has a trained token within max_seq_length={spec.max_seq_length}.", param="max_seq_length"
+        )
+    return train_data, valid_data
+
+
+def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_dir: Path, device: str):
+    """The Trainer's arguments for the resolved hyperparameters on `device`."""
+    import torch
+    from transformers import TrainingArguments
+
+    quantized = spec.quantization != "none"
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=hp.micro_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        num_train_epochs=hp.n_epochs,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio,  # a float below 1 is a fraction of the total steps in transformers 5
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        optim="paged_adamw_8bit" if quantized and device == "cuda" else "adamw_torch",
+        bf16=bf16,
+        fp16=device == "cuda" and not bf16,
+        use_cpu=device == "cpu",
+        logging_steps=1,
+        save_strategy="steps" if spec.save_steps else "epoch",
+        save_steps=spec.save_steps or 500,
+        save_total_limit=spec.save_total_limit,
+        eval_strategy="no",  # our callback evaluates: token accuracy needs no stored logits that way
+        include_num_input_tokens_seen="all" if spec.packing else "non_padding",  # packed rows hold no padding
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        report_to="none",
+    )
+
+
+def build_trainer(spec, hp, model, tokenizer, train_data, collator, checkpoints_dir, device, callback):
+    """A transformers Trainer over the token rows with our hooks callback."""
+    from transformers import PrinterCallback, Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(spec, hp, checkpoints_dir, device),
+        train_dataset=train_data.rows,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes through the hooks, not stdout
+    return trainer
+
+
+def run_training(trainer, spec: JobSpec, resume_from: Path | None) -> None:
+    """Train: guard the 4-bit layout, then run (or resume) the Trainer."""
+    if spec.quantization != "none":
+        check_4bit_layout(trainer.model)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+
+def evaluate_baseline_and_final(model, evaluate) -> tuple[dict | None, dict | None]:
+    """Evaluate the frozen base (adapter disabled) and the adapter, both after training.
+
+    The base never changes during training, so evaluating it afterwards gives the same numbers as before,
+    and no inference ever runs on a 4-bit model before it is trained (DESIGN.md, the CPU 4-bit trap).
+    """
+    with model.disable_adapter():
+        baseline = evaluate(model)
+    return baseline, evaluate(model)
+
+
+def save_adapter(model, out_dir: Path, model_id: str) -> Path:
+    """Save: the final adapter as a standard PEFT folder naming its catalogue base."""
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    name_base_model(adapter_dir, model_id)
+    return adapter_dir
+
+
+def _dropped(train_data: TokenizedData, valid_data: TokenizedData) -> dict:
+    reasons = {f"training: {r}": n for r, n in train_data.dropped.items()}
+    reasons |= {f"validation: {r}": n for r, n in valid_data.dropped.items()}
+    return {"count": sum(reasons.values()), "reasons": reasons}
+
+
+def train(
+    spec: JobSpec,
+    train_path: Path,
+    valid_path: Path | None,
+    out_dir: Path,
+    hooks: TrainingHooks | None = None,
+    *,
+    models_dir: Path,
+    resume_from: Path | None = None,
+) -> TrainingResult:
+    """Fine-tune `spec.model` on `train_path` and write checkpoints, the adapter and the log under `out_dir`."""
+    from transformers import set_seed
+
+    from worker.training.callback import HooksCallback
+
+    hooks = hooks or TrainingHooks()
+    out_dir = Path(out_dir)
+    device = pick_device()
+    tokenizer = load_tokenizer(spec.model, models_dir)
+    train_examples, valid_examples = load_data(spec, Path(train_path), Path(valid_path) if valid_path else None)
+    train_data, valid_data = tokenize_data(spec, tokenizer, train_examples, valid_examples)
+    dropped = _dropped(train_data, valid_data)
+    if dropped["count"]:
+        hooks.event("warning", f"Dropped {dropped['count']} examples: {dropped['reasons']}.")
+    hp = resolve_auto(spec, len(train_data.rows))
+    collator = make_collator(spec.packing, tokenizer)
+
+    set_seed(spec.seed)  # the adapter's initial weights
+    model = attach_adapter(load_base_model(spec, models_dir, device), spec)
+    evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
+    callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model)
+    trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback)
+    hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size}.")
+    run_training(trainer, spec, resume_from)
+
+    status = "cancelled" if callback.cancelled else "succeeded"
+    baseline, final = (None, None) if callback.cancelled else evaluate_baseline_and_final(model, evaluate)
+    if final is not None:
+        metrics = {"step": trainer.state.global_step, "valid_loss": final["loss"], "valid_mean_token_accuracy": final["token_accuracy"]}
+        trainer.state.log_history.append(metrics)
+        if hooks.on_metrics:
+            hooks.on_metrics(dict(metrics))
+    adapter_dir = save_adapter(model, out_dir, spec.model)
+    write_training_log(out_dir / "training_log.csv", log_rows(trainer.state.log_history))
+    sha = {"training_file": file_sha256(Path(train_path))}
+    if valid_path:
+        sha["validation_file"] = file_sha256(Path(valid_path))
+    result = TrainingResult(
+        adapter_dir=adapter_dir,
+        status=status,
+        trained_tokens=trainer.state.num_input_tokens_seen,
+        steps=trainer.state.global_step,
+        total_steps=trainer.state.max_steps,
+        hyperparameters=hp.model_dump(),
+        baseline_eval=baseline,
+        final_eval=final,
+        dropped_examples=dropped,
+        n_train_examples=len(train_data.rows),
+        n_valid_examples=len(valid_data.rows),
+        truncated_examples=train_data.truncated,
+        data_sha256=sha,
+        library_versions=library_versions(),
+    )
+    write_model_card(adapter_dir, spec.model_dump(mode="json"), result)
+    hooks.event("info", f"Training {status} after {result.steps} steps.")
+    return result
