@@ -67,5 +67,5 @@ def build_tiny_model(dest: Path) -> Path:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     model.save_pretrained(dest)
-    (dest / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 2}))
+    (dest / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
     return dest
