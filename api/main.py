@@ -7,13 +7,28 @@ import uuid
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from api.deps import get_current_project
-from api.errors import install_error_handlers
+from api.errors import envelope, install_error_handlers
 from api.routes import files, health, jobs, models
 from core.logging import request_id_var
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 
 log = logging.getLogger("lorajobs.api")
+
+
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def upload_too_large(request: Request, settings: Settings):
+    """Refuse an upload whose declared size is over the limit before reading its body."""
+    if request.method != "POST" or request.url.path != "/v1/files":
+        return None
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
+        return envelope(413, f"The file is larger than the {settings.max_upload_bytes:,}-byte limit "
+                        "(LORAJOBS_MAX_UPLOAD_BYTES).", type_="invalid_request_error", param="file",
+                        code="file_too_large")
+    return None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         try:
-            response = await call_next(request)
+            response = upload_too_large(request, settings) or await call_next(request)
             response.headers["x-request-id"] = request_id
             log.info("request", extra={"method": request.method, "path": request.url.path,
                                        "status": response.status_code,

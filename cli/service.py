@@ -89,7 +89,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_sweeper(args) -> int:
-    from worker.lifecycle import sweep
+    from worker.sweep import sweep
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)

@@ -83,11 +83,13 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     baseline_eval_loss: Mapped[float | None] = mapped_column(Double)
     final_eval_loss: Mapped[float | None] = mapped_column(Double)
-    adapter_key: Mapped[str | None] = mapped_column(String(255))
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Downloadable archives by format: {"tar.gz": {"key", "sha256", "bytes"}, "zip": {...}}.
+    artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
+    # While running: the lease. While queued: when the sweep resends the task if no worker has claimed it.
     lease_expires_at: Mapped[float | None] = mapped_column(Double)
     created_at: Mapped[float] = mapped_column(Double)
     started_at: Mapped[float | None] = mapped_column(Double)
@@ -124,4 +126,5 @@ class Checkpoint(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(BigInteger)
+    artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Double)

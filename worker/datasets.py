@@ -5,6 +5,7 @@ import logging
 from core.datasets.validate import validate_jsonl
 from core.settings import get_settings
 from core.storage import get_storage
+from db import lifecycle
 from db.repositories import files as files_repo
 from db.session import transaction
 
@@ -33,4 +34,5 @@ def validate_file(file_id: str) -> None:
         row.report = report_data
         row.status = "processed" if ok else "error"
         row.status_details = None if ok else summary
+        lifecycle.promote_waiting_jobs(session, settings, row)
     log.info("file validated", extra={"file_id": file_id, "ok": ok})

@@ -27,6 +27,6 @@ def train_job(job_id: str) -> None:
 
 @shared_task(name=queue.SWEEP)
 def sweep() -> None:
-    from worker.lifecycle import sweep as run
+    from worker.sweep import sweep as run
 
     run()

@@ -37,7 +37,8 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
                              param="purpose")
     limit = settings.max_upload_bytes
     if declared_size is not None and declared_size > limit:
-        raise PayloadTooLarge(f"The file is larger than the {limit:,}-byte limit.", param="file")
+        raise PayloadTooLarge(f"The file is larger than the {limit:,}-byte limit (LORAJOBS_MAX_UPLOAD_BYTES).",
+                              param="file")
     file_id = new_id("file")
     key = storage_key(project.id, file_id)
     stored = storage.put_stream(key, stream, max_bytes=limit, content_type="application/jsonl")

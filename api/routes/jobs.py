@@ -1,0 +1,64 @@
+"""OpenAI's fine-tuning jobs API, plus adapter downloads."""
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import RedirectResponse, StreamingResponse
+
+from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
+from api.schemas import ListResponse
+from api.schemas_jobs import CheckpointObject, EventObject, JobCreate, JobObject
+from api.services import artifacts
+from api.services import jobs as service
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+@router.post("", response_model=JobObject)
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, project: CurrentProject,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobObject:
+    job = service.create(session, settings, project, body, idempotency_key)
+    return service.to_object(job, project)
+
+
+@router.get("", response_model=ListResponse[JobObject])
+def list_jobs(request: Request, session: SessionDep, project: CurrentProject, after: str | None = None,
+              limit: Limit = 20, status: str | None = None) -> ListResponse[JobObject]:
+    metadata = service.metadata_filter(list(request.query_params.multi_items()))
+    page = service.page(session, project, after=after, limit=limit, status=status, metadata=metadata)
+    return ListResponse.of([service.to_object(job, project) for job in page.items], page.has_more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def retrieve_job(job_id: str, session: SessionDep, project: CurrentProject) -> JobObject:
+    return service.to_object(service.get(session, project, job_id), project)
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job_id: str, session: SessionDep, project: CurrentProject) -> JobObject:
+    return service.to_object(service.cancel(session, project, job_id), project)
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[EventObject])
+def list_events(job_id: str, session: SessionDep, project: CurrentProject, after: str | None = None,
+                limit: Limit = 20) -> ListResponse[EventObject]:
+    page = service.events(session, project, job_id, after=after, limit=limit)
+    return ListResponse.of([service.event_object(e) for e in page.items], page.has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
+def list_checkpoints(job_id: str, session: SessionDep, project: CurrentProject, after: str | None = None,
+                     limit: Limit = 10) -> ListResponse[CheckpointObject]:
+    job = service.get(session, project, job_id)
+    page = service.checkpoints(session, project, job_id, after=after, limit=limit)
+    return ListResponse.of([service.checkpoint_object(job, project, c) for c in page.items], page.has_more)
+
+
+@router.get("/{job_id}/adapter", response_model=None)
+def download_adapter(job_id: str, session: SessionDep, storage: StorageDep, project: CurrentProject,
+                     format: Literal["tar.gz", "zip"] = "tar.gz", checkpoint: str | None = None,
+                     redirect: bool = True) -> StreamingResponse | RedirectResponse:
+    archive = artifacts.adapter_archive(session, storage, project, job_id, fmt=format, checkpoint_id=checkpoint)
+    return artifacts.respond(storage, archive, redirect=redirect)

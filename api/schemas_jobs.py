@@ -1,0 +1,125 @@
+"""Request and response shapes of the fine-tuning jobs API (OpenAI's, plus our extensions)."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AutoInt = int | Literal["auto"]
+AutoFloat = float | Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: AutoInt | None = None
+    batch_size: AutoInt | None = None
+    learning_rate_multiplier: AutoFloat | None = None
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreate(BaseModel):
+    """OpenAI's create body; any other field is a job-spec field (docs/job-spec.md), e.g. `quantization`, `lora`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(..., description="A base model id from the catalogue (`GET /v1/models`).")
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI in favour of `method`.")
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    integrations: list[dict[str, Any]] | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    percent: float = 0.0
+    epoch: float | None = None
+    train_loss: float | None = None
+    tokens_per_second: float | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: Hyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: Method
+    suffix: str | None = None
+    # Our extensions.
+    quantization: str
+    lora: dict[str, Any]
+    max_seq_length: int
+    learning_rate: float | None = None
+    spec: dict[str, Any]
+    resolved_hyperparameters: dict[str, Any] | None = None
+    progress: Progress | None = None
+    baseline_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    adapter_sha256: str | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None = None
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+    sha256: str

@@ -1,0 +1,54 @@
+"""Downloads of trained adapters: streamed from storage, or a redirect to a presigned URL."""
+
+from dataclasses import dataclass
+
+from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from api.services import jobs
+from core.errors import Conflict, NotFound
+from core.storage import Storage
+from db.models import Project
+from db.repositories import jobs as repo
+
+MEDIA_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
+
+
+@dataclass
+class Archive:
+    key: str
+    filename: str
+    sha256: str
+    size: int
+    fmt: str
+
+
+def adapter_archive(session: Session, storage: Storage, project: Project, job_id: str, *, fmt: str,
+                    checkpoint_id: str | None) -> Archive:
+    """The stored archive of a job's final adapter, or of one of its checkpoints."""
+    job = jobs.get(session, project, job_id)
+    if checkpoint_id:
+        checkpoint = repo.get_checkpoint(session, job.id, checkpoint_id)
+        if checkpoint is None:
+            raise NotFound(f"No checkpoint {checkpoint_id} in job {job_id}.", param="checkpoint")
+        artifacts, name = checkpoint.artifacts or {}, f"{job.id}-step-{checkpoint.step}-adapter"
+    else:
+        if job.status != "succeeded":
+            raise Conflict(f"Job {job_id} is {job.status}; its adapter exists once it has succeeded "
+                           "(intermediate ones: ?checkpoint=ftckpt-…).", param="fine_tuning_job_id",
+                           code="adapter_not_ready")
+        artifacts, name = job.artifacts or {}, f"{job.id}-adapter"
+    entry = artifacts.get(fmt)
+    if entry is None:
+        raise NotFound(f"No {fmt} archive stored for this adapter.", param="format")
+    return Archive(entry["key"], f"{name}.{fmt}", entry["sha256"], entry["bytes"], fmt)
+
+
+def respond(storage: Storage, archive: Archive, *, redirect: bool) -> StreamingResponse | RedirectResponse:
+    headers = {"x-content-sha256": archive.sha256,
+               "content-disposition": f'attachment; filename="{archive.filename}"'}
+    url = storage.presigned_get_url(archive.key, filename=archive.filename) if redirect else None
+    if url:
+        return RedirectResponse(url, status_code=307, headers=headers)
+    headers["content-length"] = str(archive.size)
+    return StreamingResponse(storage.iter_chunks(archive.key), media_type=MEDIA_TYPES[archive.fmt], headers=headers)

@@ -1,0 +1,225 @@
+"""Fine-tuning jobs: create (validated before anything is queued), read, cancel; the worker does the rest."""
+
+import re
+import secrets
+import time
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.schemas_jobs import (
+    CheckpointMetrics,
+    CheckpointObject,
+    EventObject,
+    Hyperparameters,
+    JobCreate,
+    JobError,
+    JobObject,
+    Method,
+    Progress,
+    SupervisedMethod,
+)
+from core.catalogue import resolve_model
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.ids import new_id
+from core.settings import Settings
+from core.spec import JobSpec
+from db.models import Checkpoint, File, Job, JobEvent, Project
+from db import lifecycle
+from db.repositories import files as files_repo
+from db.repositories import jobs as repo
+from db.repositories.pagination import Page
+
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+def _param_from_loc(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
+
+
+def build_spec(body: JobCreate) -> JobSpec:
+    """The job spec from an OpenAI-style body: `hyperparameters`/`method` and our extra fields."""
+    if body.method is not None and body.method.type != "supervised":
+        raise InvalidRequest(f"Method '{body.method.type}' is not supported yet; use 'supervised'.",
+                             param="method.type")
+    if body.integrations:
+        raise InvalidRequest("Integrations are not supported; watch jobs through events or the dashboard.",
+                             param="integrations")
+    fields: dict[str, Any] = dict(body.model_extra or {})
+    sources = [("hyperparameters", body.hyperparameters)]
+    if body.method and body.method.supervised:
+        sources.append(("method.supervised.hyperparameters", body.method.supervised.hyperparameters))
+    for where, hyper in sources:
+        for name, value in (hyper.model_dump(exclude_none=True) if hyper else {}).items():
+            if name in fields and fields[name] != value:
+                raise InvalidRequest(f"{name} is given twice with different values ({where} and the body).",
+                                     param=f"{where}.{name}")
+            fields[name] = value
+    fields["model"] = body.model
+    fields["seed"] = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    try:
+        return JobSpec.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = _param_from_loc(error["loc"]) or None
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"Unknown field '{param}'; see docs/job-spec.md for the job spec's fields."
+        raise InvalidRequest(f"{param}: {message}" if param else message, param=param) from None
+
+
+def _usable_file(session: Session, project: Project, file_id: str, param: str) -> File:
+    row = files_repo.get(session, project.id, file_id)
+    if row is None:
+        raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="invalid_file")
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"File {file_id} has purpose '{row.purpose}'; upload training data with purpose "
+                             "'fine-tune'.", param=param, code="invalid_file")
+    if row.status == "error":
+        raise InvalidRequest(f"File {file_id} failed validation: {row.status_details} "
+                             f"(see GET /v1/files/{file_id}/report).", param=param, code="invalid_file")
+    return row
+
+
+def _check_trainable(report: dict | None, spec: JobSpec, param: str) -> None:
+    """Refuse a dataset whose report says no example keeps a trained token at this length."""
+    stats = ((report or {}).get("token_stats") or {}).get(spec.model)
+    if not stats or not stats.get("count"):
+        return
+    if stats.get("max_seq_length", 0) >= spec.max_seq_length and \
+            stats.get("no_trainable_after_truncation") == stats["count"]:
+        raise InvalidRequest(f"No example would keep a trained token at max_seq_length {spec.max_seq_length}: "
+                             "raise max_seq_length or shorten the prompts.", param=param, code="no_trainable_examples")
+
+
+def create(session: Session, settings: Settings, project: Project, body: JobCreate,
+           idempotency_key: str | None = None) -> Job:
+    if idempotency_key:
+        existing = repo.get_by_idempotency_key(session, project.id, idempotency_key)
+        if existing is not None:
+            return existing
+    spec = build_spec(body)
+    resolve_model(settings.models_dir, spec.model)
+    training = _usable_file(session, project, body.training_file, "training_file")
+    validation = _usable_file(session, project, body.validation_file, "validation_file") \
+        if body.validation_file else None
+    _check_trainable(training.report, spec, "training_file")
+    job = Job(id=new_id("ftjob"), project_id=project.id, model=spec.model, training_file_id=training.id,
+              validation_file_id=validation.id if validation else None, status="validating_files",
+              spec=spec.model_dump(mode="json"), suffix=body.suffix or None, seed=spec.seed,
+              user_metadata=body.metadata, idempotency_key=idempotency_key, result_files=[], attempts=0,
+              cancel_requested=False, created_at=time.time())
+    try:
+        with session.begin_nested():
+            repo.add(session, job)
+    except IntegrityError:
+        existing = repo.get_by_idempotency_key(session, project.id, idempotency_key or "")
+        if existing is None:
+            raise
+        return existing
+    lifecycle.add_event(session, job, f"Created fine-tuning job {job.id}")
+    if all(f.status == "processed" for f in (training, validation) if f is not None):
+        lifecycle.resolve_hyperparameters(job, training)
+        lifecycle.enqueue(session, settings, job)
+    else:
+        lifecycle.add_event(session, job, "Waiting for the dataset's validation to finish")
+    return job
+
+
+def get(session: Session, project: Project, job_id: str) -> Job:
+    job = repo.get(session, project.id, job_id)
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def page(session: Session, project: Project, *, after: str | None, limit: int, status: str | None = None,
+         metadata: dict[str, str] | None = None) -> Page[Job]:
+    return repo.page(session, project.id, after=after, limit=limit, status=status, metadata=metadata)
+
+
+def cancel(session: Session, project: Project, job_id: str) -> Job:
+    job = get(session, project, job_id)
+    if job.status in repo.TERMINAL_STATUSES:
+        raise Conflict(f"Job {job_id} has already {job.status}; only a job that has not finished can be cancelled.",
+                       param="fine_tuning_job_id", code="job_already_finished")
+    if job.status == "running":
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            lifecycle.add_event(session, job, "Cancellation requested; the job stops at the end of the current step")
+    else:
+        job.status = "cancelled"
+        job.cancel_requested = True
+        job.finished_at = time.time()
+        lifecycle.add_event(session, job, "Job cancelled before it started")
+    return job
+
+
+def events(session: Session, project: Project, job_id: str, *, after: str | None, limit: int) -> Page[JobEvent]:
+    get(session, project, job_id)
+    return repo.events_page(session, job_id, after=after, limit=limit)
+
+
+def checkpoints(session: Session, project: Project, job_id: str, *, after: str | None,
+                limit: int) -> Page[Checkpoint]:
+    get(session, project, job_id)
+    return repo.checkpoints_page(session, job_id, after=after, limit=limit)
+
+
+def checkpoint_model_name(job: Job, project: Project, checkpoint: Checkpoint) -> str:
+    return f"{lifecycle.fine_tuned_model_name(job, project.name)}:ckpt-step-{checkpoint.step}"
+
+
+def _hyperparameters(job: Job) -> Hyperparameters:
+    resolved = job.hyperparameters or {}
+    spec = job.spec
+    return Hyperparameters(**{name: resolved.get(name) or spec.get(name) for name in OPENAI_HYPERPARAMETERS})
+
+
+def to_object(job: Job, project: Project) -> JobObject:
+    spec = job.spec
+    hyper = _hyperparameters(job)
+    progress = Progress(**job.progress) if job.progress else None
+    running = job.status == "running"
+    return JobObject(
+        id=job.id, created_at=int(job.created_at), error=JobError(**job.error) if job.error else None,
+        fine_tuned_model=job.fine_tuned_model, finished_at=int(job.finished_at) if job.finished_at else None,
+        hyperparameters=hyper, model=job.model, organization_id=project.id, result_files=job.result_files or [],
+        seed=job.seed, status=job.status, trained_tokens=job.trained_tokens, training_file=job.training_file_id,
+        validation_file=job.validation_file_id,
+        estimated_finish=int(job.estimated_finish) if running and job.estimated_finish else None,
+        metadata=job.user_metadata, method=Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hyper)),
+        suffix=job.suffix, quantization=spec["quantization"], lora=spec["lora"], max_seq_length=spec["max_seq_length"],
+        learning_rate=(job.hyperparameters or {}).get("learning_rate") or spec.get("learning_rate"), spec=spec,
+        resolved_hyperparameters=job.hyperparameters, progress=progress, baseline_eval_loss=job.baseline_eval_loss,
+        final_eval_loss=job.final_eval_loss, adapter_sha256=job.adapter_sha256,
+        cancel_requested=job.cancel_requested, attempts=job.attempts,
+    )
+
+
+def event_object(event: JobEvent) -> EventObject:
+    return EventObject(id=event.id, created_at=int(event.created_at), level=event.level, message=event.message,
+                       type=event.type, data=event.data)
+
+
+def checkpoint_object(job: Job, project: Project, checkpoint: Checkpoint) -> CheckpointObject:
+    metrics = {k: v for k, v in checkpoint.metrics.items() if k in CheckpointMetrics.model_fields}
+    return CheckpointObject(id=checkpoint.id, created_at=int(checkpoint.created_at),
+                            fine_tuned_model_checkpoint=checkpoint_model_name(job, project, checkpoint),
+                            fine_tuning_job_id=job.id, metrics=CheckpointMetrics(step=checkpoint.step, **metrics),
+                            step_number=checkpoint.step, sha256=checkpoint.sha256)
+
+
+METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
+
+
+def metadata_filter(query_items: list[tuple[str, str]]) -> dict[str, str]:
+    """`metadata[k]=v` query parameters as a dict (OpenAI's list filter)."""
+    found = {}
+    for key, value in query_items:
+        match = METADATA_QUERY.match(key)
+        if match:
+            found[match.group(1)] = value
+    return found

@@ -1,0 +1,66 @@
+"""Rules on a job's state that the API and the worker both apply: events, queueing, failing."""
+
+import time
+
+from sqlalchemy.orm import Session
+
+from core import queue
+from core.ids import new_id
+from core.settings import Settings
+from core.spec import JobSpec, resolve_auto
+from db.models import File, Job, JobEvent
+from db.repositories import files as files_repo
+from db.repositories import jobs as repo
+from db.session import after_commit
+
+
+def fine_tuned_model_name(job: Job, project_name: str) -> str:
+    """`ft:{base}:{project}:{suffix}:{job id}`, the name serving stacks and `/v1/models` use."""
+    return f"ft:{job.model}:{project_name}:{job.suffix or ''}:{job.id}"
+
+
+def resolve_hyperparameters(job: Job, training_file: File) -> None:
+    """Resolve the spec's `auto` values from the training file's size; the rules are kept with them."""
+    spec = JobSpec.model_validate(job.spec)
+    examples = (training_file.report or {}).get("examples") or 0
+    if spec.validation_fraction and not job.validation_file_id:
+        examples = max(1, round(examples * (1 - spec.validation_fraction)))
+    job.hyperparameters = resolve_auto(spec, examples).model_dump()
+
+
+def add_event(session: Session, job: Job, message: str, *, level: str = "info", type_: str = "message",
+              data: dict | None = None) -> None:
+    repo.add(session, JobEvent(id=new_id("ftevent"), job_id=job.id, level=level, type=type_, message=message,
+                               data=data, created_at=time.time()))
+
+
+def enqueue(session: Session, settings: Settings, job: Job) -> None:
+    """Mark queued and send the task once committed; the sweep resends it if the message is lost."""
+    job.status = "queued"
+    job.lease_expires_at = time.time() + settings.lease_seconds
+    add_event(session, job, "Job queued for training")
+    job_id = job.id
+    after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job_id))
+
+
+def promote_waiting_jobs(session: Session, settings: Settings, file_row: File) -> None:
+    """After a file's validation: queue the jobs that waited on it, or fail them if it has errors."""
+    for job in repo.waiting_on_file(session, file_row.id):
+        param = "training_file" if job.training_file_id == file_row.id else "validation_file"
+        if file_row.status == "error":
+            fail(session, job, "invalid_file", f"{param} {file_row.id} failed validation: {file_row.status_details}",
+                 param=param)
+            continue
+        others = [files_repo.get_any(session, fid) for fid in (job.training_file_id, job.validation_file_id) if fid]
+        if all(f is not None and f.status == "processed" for f in others):
+            training = files_repo.get_any(session, job.training_file_id)
+            resolve_hyperparameters(job, training)
+            enqueue(session, settings, job)
+
+
+def fail(session: Session, job: Job, code: str, message: str, *, param: str | None = None) -> None:
+    job.status = "failed"
+    job.error = {"code": code, "message": message, "param": param}
+    job.finished_at = time.time()
+    job.lease_owner = None
+    add_event(session, job, message, level="error")

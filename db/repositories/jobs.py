@@ -1,0 +1,136 @@
+"""Queries on fine-tuning jobs, their events and checkpoints. Ownership checks live in the callers' filters."""
+
+import time
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Checkpoint, Job, JobEvent
+from db.repositories.pagination import Page, paginate
+
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+def add(session: Session, row: Job | JobEvent | Checkpoint) -> None:
+    session.add(row)
+    session.flush()
+
+
+def get(session: Session, project_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+
+
+def get_any(session: Session, job_id: str, *, for_update: bool = False) -> Job | None:
+    stmt = select(Job).where(Job.id == job_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def get_by_idempotency_key(session: Session, project_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
+
+
+def page(session: Session, project_id: str, *, after: str | None, limit: int, status: str | None = None,
+         metadata: dict[str, str] | None = None) -> Page[Job]:
+    stmt = select(Job).where(Job.project_id == project_id)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.user_metadata[key].as_string() == value)
+    return paginate(session, stmt, Job, after=after, limit=limit)
+
+
+def waiting_on_file(session: Session, file_id: str) -> list[Job]:
+    stmt = select(Job).where(
+        Job.status == "validating_files",
+        (Job.training_file_id == file_id) | (Job.validation_file_id == file_id),
+    )
+    return list(session.scalars(stmt))
+
+
+def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
+    """queued -> running for exactly one worker; a late or duplicate message matches no row."""
+    now = time.time()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+        .values(status="running", lease_owner=owner, lease_expires_at=now + lease_seconds,
+                attempts=Job.attempts + 1, started_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
+        .values(lease_expires_at=time.time() + lease_seconds)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def update_owned(session: Session, job_id: str, owner: str, **values: Any) -> bool:
+    """Update a running job only while `owner` still holds its lease."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def expired_leases(session: Session, now: float) -> list[Job]:
+    stmt = select(Job).where(Job.status == "running", Job.lease_expires_at < now).with_for_update(skip_locked=True)
+    return list(session.scalars(stmt))
+
+
+def stale_queued(session: Session, now: float) -> list[Job]:
+    """Queued jobs whose dispatch deadline passed: their message may have been lost."""
+    stmt = select(Job).where(Job.status == "queued", Job.lease_expires_at < now).with_for_update(skip_locked=True)
+    return list(session.scalars(stmt))
+
+
+def events_page(session: Session, job_id: str, *, after: str | None, limit: int) -> Page[JobEvent]:
+    return paginate(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent, after=after, limit=limit)
+
+
+def metrics_events(session: Session, job_id: str) -> list[JobEvent]:
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.seq)
+    return list(session.scalars(stmt))
+
+
+def delete_metrics_after(session: Session, job_id: str, step: int) -> int:
+    """Drop metrics of steps a resumed run will train again, so no step is counted twice."""
+    rows = [e for e in metrics_events(session, job_id) if (e.data or {}).get("step", 0) > step]
+    if rows:
+        session.execute(delete(JobEvent).where(JobEvent.id.in_([e.id for e in rows])))
+    return len(rows)
+
+
+def checkpoints_page(session: Session, job_id: str, *, after: str | None, limit: int) -> Page[Checkpoint]:
+    return paginate(session, select(Checkpoint).where(Checkpoint.job_id == job_id), Checkpoint, after=after,
+                    limit=limit)
+
+
+def checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+def get_checkpoint(session: Session, job_id: str, checkpoint_id: str) -> Checkpoint | None:
+    return session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.id == checkpoint_id))
+
+
+def delete_row(session: Session, row: Checkpoint) -> None:
+    session.delete(row)
+    session.flush()
+
+
+def fine_tuned(session: Session, project_id: str) -> list[Job]:
+    stmt = (select(Job).where(Job.project_id == project_id, Job.status == "succeeded")
+            .order_by(Job.seq.desc()))
+    return list(session.scalars(stmt))
