@@ -22,7 +22,7 @@ from api.schemas_jobs import (
     SupervisedMethod,
 )
 from core.catalogue import resolve_model
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec
@@ -101,7 +101,10 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
         if existing is not None:
             return existing
     spec = build_spec(body)
-    resolve_model(settings.models_dir, spec.model)
+    try:
+        resolve_model(settings.models_dir, spec.model)
+    except ModelNotFound as exc:
+        raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
     training = _usable_file(session, project, body.training_file, "training_file")
     validation = _usable_file(session, project, body.validation_file, "validation_file") \
         if body.validation_file else None
