@@ -69,3 +69,26 @@ def build_tiny_model(dest: Path) -> Path:
     model.save_pretrained(dest)
     (dest / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
     return dest
+
+
+_ITEMS = ("order", "parcel", "refund", "invoice", "jacket", "coupon")
+_QUESTIONS = (
+    ("Where is my {item} {n}?", "Your {item} {n} left our store today and arrives within 3 days."),
+    ("Can I return the {item} {n}?", "Yes, you can return the {item} {n} within 30 days with its receipt."),
+    ("My {item} {n} was charged twice.", "Sorry about that: the second charge for {item} {n} is refunded within 5 days."),
+    ("How do I track {item} {n}?", "Open your account, choose orders, and the tracking number of {item} {n} is shown."),
+)
+
+
+def retail_chat_records(n: int, offset: int = 0) -> list[dict]:
+    """`n` templated retail-support chats (system, user, assistant), a stand-in for the demo dataset."""
+    records = []
+    for i in range(offset, offset + n):
+        question, answer = _QUESTIONS[i % len(_QUESTIONS)]
+        fill = {"item": _ITEMS[(i // len(_QUESTIONS)) % len(_ITEMS)], "n": 100 + i}
+        records.append({"messages": [
+            {"role": "system", "content": "You are the support assistant of an online shop."},
+            {"role": "user", "content": question.format(**fill)},
+            {"role": "assistant", "content": answer.format(**fill)},
+        ]})
+    return records

@@ -1,0 +1,96 @@
+"""The job spec: defaults, refusals that name the field, and the written `auto` rule."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from core.spec import JobSpec, resolve_auto
+
+
+def refused_fields(**fields) -> list[str]:
+    with pytest.raises(ValidationError) as error:
+        JobSpec(**fields)
+    return [".".join(map(str, e["loc"])) for e in error.value.errors()]
+
+
+def test_defaults_are_qlora_nf4_on_attention_qv():
+    spec = JobSpec(model="tiny/llama")
+    assert (spec.quantization, spec.double_quant, spec.compute_dtype) == ("nf4", True, "auto")
+    assert (spec.lora.r, spec.lora.effective_alpha, spec.lora.target_modules) == (16, 32, "attention-qv")
+    assert spec.packing and not spec.train_on_inputs
+    assert (spec.n_epochs, spec.batch_size, spec.learning_rate_multiplier) == ("auto", "auto", "auto")
+
+
+def test_every_field_is_described():
+    def undescribed(model) -> list[str]:
+        return [name for name, f in model.model_fields.items() if not f.description]
+
+    assert undescribed(JobSpec) == [] and undescribed(JobSpec.model_fields["lora"].default_factory().__class__) == []
+
+
+def test_the_model_is_required_and_unknown_fields_are_refused():
+    assert refused_fields() == ["model"]
+    assert refused_fields(model="m", n_epoch=3) == ["n_epoch"]
+    assert refused_fields(model="m", lora={"rank": 8}) == ["lora.rank"]
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"learning_rate": 1e-4, "learning_rate_multiplier": 2.0}, "learning_rate_multiplier"),
+    ({"batch_size": 8, "micro_batch_size": 3}, "micro_batch_size"),
+    ({"batch_size": 4, "micro_batch_size": 8}, "micro_batch_size"),
+    ({"quantization": "none", "compute_dtype": "float16"}, "compute_dtype"),
+    ({"n_epochs": 0}, "n_epochs"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"learning_rate_multiplier": 0}, "learning_rate_multiplier"),
+    ({"lora": {"r": 0}}, "lora.r"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules"),
+    ({"lora": {"target_modules": "mlp"}}, "lora.target_modules"),
+    ({"quantization": "int8"}, "quantization"),
+    ({"validation_fraction": 0.9}, "validation_fraction"),
+])
+def test_invalid_combinations_are_refused_naming_the_field(fields, named):
+    assert any(f == named or f.startswith(f"{named}.") for f in refused_fields(model="m", **fields))
+
+
+def test_openai_style_body_round_trips_through_json():
+    spec = JobSpec.model_validate({"model": "m", "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5,
+                                   "lora": {"r": 8, "target_modules": ["q_proj"]}})
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+@pytest.mark.parametrize(("n", "epochs", "batch", "micro"), [
+    (20, 5, 1, 1), (200, 3, 2, 2), (1000, 3, 8, 8), (3000, 3, 16, 8), (20_000, 1, 64, 8),
+])
+def test_auto_values_follow_the_written_rule(n, epochs, batch, micro):
+    hp = resolve_auto(JobSpec(model="m"), n)
+    assert (hp.n_epochs, hp.batch_size, hp.micro_batch_size) == (epochs, batch, micro)
+    assert hp.gradient_accumulation_steps * hp.micro_batch_size == hp.batch_size
+    assert set(hp.auto_rules) == {"n_epochs", "batch_size", "micro_batch_size", "learning_rate_multiplier"}
+    assert str(n) in hp.auto_rules["n_epochs"] and str(n) in hp.auto_rules["batch_size"]
+
+
+def test_auto_learning_rate_scales_with_the_square_root_of_the_batch():
+    assert resolve_auto(JobSpec(model="m", batch_size=8), 100).learning_rate == pytest.approx(2e-4)
+    assert resolve_auto(JobSpec(model="m", batch_size=32), 100).learning_rate == pytest.approx(4e-4)
+    assert resolve_auto(JobSpec(model="m", batch_size=1), 100).learning_rate == pytest.approx(1e-4)
+
+
+def test_explicit_values_pass_through_without_rules():
+    spec = JobSpec(model="m", n_epochs=2, batch_size=12, micro_batch_size=4, learning_rate=3e-4)
+    hp = resolve_auto(spec, 500)
+    assert (hp.n_epochs, hp.batch_size, hp.micro_batch_size, hp.gradient_accumulation_steps) == (2, 12, 4, 3)
+    assert hp.learning_rate == 3e-4 and hp.auto_rules == {}
+
+
+def test_explicit_batch_gets_the_largest_micro_batch_that_divides_it():
+    hp = resolve_auto(JobSpec(model="m", batch_size=12, learning_rate_multiplier=1.0), 500)
+    assert (hp.micro_batch_size, hp.gradient_accumulation_steps) == (6, 2)
+    assert hp.learning_rate == pytest.approx(2e-4)
+
+
+def test_the_spec_module_loads_no_training_library():
+    code = "import sys, core.spec; print(sorted({'torch', 'transformers', 'peft', 'bitsandbytes'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
