@@ -73,6 +73,18 @@ class _LineOutcome:
 
 
 @dataclass
+class _Problems:
+    """The errors of one line, at most one per code (the first says enough to fix the rest)."""
+
+    line: int
+    found: list[Problem] = field(default_factory=list)
+
+    def add(self, code: str, message: str) -> None:
+        if all(problem.code != code for problem in self.found):
+            self.found.append(Problem(line=self.line, code=code, message=message))
+
+
+@dataclass
 class _Scanner:
     """Turns raw lines into outcomes, remembering the format the file started with."""
 
@@ -122,7 +134,7 @@ class _Scanner:
             return _LineOutcome(raw.number, None, problems.found)
         return _LineOutcome(raw.number, to_example(record, self.format), [])
 
-    def _check_record(self, record: dict, problems: "_Problems") -> None:
+    def _check_record(self, record: dict, problems: _Problems) -> None:
         line_format = detect_format(record)
         if self.format is None and line_format is not None:
             self.format, self.format_line = line_format, problems.line
@@ -139,18 +151,6 @@ class _Scanner:
             _check_fields(record, self.format, problems)
 
 
-@dataclass
-class _Problems:
-    """The errors of one line, at most one per code (the first says enough to fix the rest)."""
-
-    line: int
-    found: list[Problem] = field(default_factory=list)
-
-    def add(self, code: str, message: str) -> None:
-        if all(problem.code != code for problem in self.found):
-            self.found.append(Problem(line=self.line, code=code, message=message))
-
-
 def _check_binary(raw: RawLine) -> None:
     if raw.number == 1:
         for signature, kind, advice in SIGNATURES:
@@ -158,8 +158,6 @@ def _check_binary(raw: RawLine) -> None:
                 raise _Stop(1, "binary_content", f"this looks like {kind}, not JSONL text: {advice}")
     if raw.has_nul:
         raise _Stop(raw.number, "binary_content", "NUL bytes: this looks like a binary file, not JSONL text")
-
-
 
 
 def _parse(data: bytes, problems: _Problems) -> dict | None:
