@@ -273,7 +273,8 @@ def _check_messages(messages: object, problems: _Problems) -> None:
         _check_message(where, message, problems)
         if message.get("role") == "assistant":
             assistant = True
-            trained = trained or message.get("weight", 1) == 1
+            # Only an explicit 0 turns training off; any other weight is reported as invalid_weight.
+            trained = trained or message.get("weight", 1) != 0
     if not assistant:
         problems.add("no_assistant_message", "no assistant message: the model learns from assistant messages")
     elif not trained:

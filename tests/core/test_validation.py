@@ -292,6 +292,13 @@ def test_each_line_reports_every_kind_of_problem_it_has_once():
     }
 
 
+def test_an_invalid_weight_is_reported_as_such_not_as_nothing_to_learn():
+    report = validate(bad_at_line_3(line(chat(weight=0.5))))
+
+    assert report.error_counts == {"invalid_weight": 1}
+    assert report.errors[0].message == "messages[2] has weight 0.5: use 0 (not trained) or 1 (trained)"
+
+
 def test_errors_are_listed_up_to_100_and_all_counted():
     content = b"\n".join(good_lines(10) + [b"{oops"] * 250)
 
