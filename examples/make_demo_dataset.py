@@ -32,7 +32,8 @@ PRODUCT_FACTS = {
     ),
     "sku": (
         "The {name} is SKU {sku}.",
-        ["What's the SKU of the {name}?", "Which item number is the {name}?", "I need the product code for the {name}."],
+        ["What's the SKU of the {name}?", "Which item number is the {name}?",
+         "I need the product code for the {name}."],
         ["What code should I give the store to find the {name}?", "How is the {name} listed in your system?"],
     ),
     "materials": (

@@ -268,7 +268,8 @@ def _check_messages(messages: object, problems: _Problems) -> None:
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
-            problems.add("message_not_an_object", f"{where} is {_json_type(message)}, not an object with role and content")
+            message_type = _json_type(message)
+            problems.add("message_not_an_object", f"{where} is {message_type}, not an object with role and content")
             continue
         _check_message(where, message, problems)
         if message.get("role") == "assistant":
@@ -294,7 +295,8 @@ def _check_message(where: str, message: dict, problems: _Problems) -> None:
         _check_text(f"{where}.content", message["content"], problems)
     for key in message:
         if key not in MESSAGE_KEYS:
-            problems.add("unrecognized_key", f"{where} has key {_show(key)}: a message holds role, content, weight and name")
+            allowed = "a message holds role, content, weight and name"
+            problems.add("unrecognized_key", f"{where} has key {_show(key)}: {allowed}")
     if "weight" in message:
         _check_weight(where, role, message["weight"], problems)
 
@@ -348,7 +350,8 @@ class _Tally:
             self.lines += 1
             self._error(scanner.stopped)
         elif self.lines == 0:
-            self._error(Problem(line=None, code="empty_file", message="the file holds no examples, only blank lines or nothing"))
+            message = "the file holds no examples, only blank lines or nothing"
+            self._error(Problem(line=None, code="empty_file", message=message))
         elif self.lines < MIN_EXAMPLES:
             self._error(
                 Problem(
