@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 
 from api.deps import get_current_project
 from api.errors import envelope, install_error_handlers
-from api.routes import files, health, jobs, models
+from api.routes import dashboard, files, health, jobs, models
 from core.logging import request_id_var
 from core.settings import Settings, get_settings
 from core.storage import get_storage
@@ -63,4 +63,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)
+    dashboard.install(app)
     return app
