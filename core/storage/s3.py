@@ -3,7 +3,6 @@
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property
 from typing import BinaryIO
 
 import boto3
@@ -61,15 +60,12 @@ class S3Storage(Storage):
         # A session of our own reads the credentials now; boto3's default session caches the first ones it saw.
         self._session = boto3.session.Session()
         self._client = self._new_client(attempts=5, connect_timeout=5, read_timeout=60)
+        # One quick attempt: a readiness probe should answer in seconds, not after a round of retries.
+        self._probe_client = self._new_client(attempts=1, connect_timeout=2, read_timeout=5)
 
     def _new_client(self, **timeouts):
         return self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
                                     config=client_config(endpoint_url=self.endpoint_url, **timeouts))
-
-    @cached_property
-    def _probe_client(self):
-        """One quick attempt: a readiness probe should answer in seconds, not after a round of retries."""
-        return self._new_client(attempts=1, connect_timeout=2, read_timeout=5)
 
     @property
     def location(self) -> str:

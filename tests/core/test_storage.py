@@ -258,7 +258,8 @@ def test_an_object_folder_that_cannot_be_created_fails_the_readiness_check(tmp_p
     assert "a-file" in caught.value.message
 
 
-def test_the_storage_url_selects_the_backend(tmp_path, s3_endpoint):
+def test_the_storage_url_selects_the_backend(tmp_path, s3_endpoint, monkeypatch):
+    monkeypatch.delenv("LORAJOBS_STORAGE_URL", raising=False)  # the suite's fixtures export one
     local = get_storage(Settings(data_dir=tmp_path))
     assert isinstance(local, LocalStorage) and local.root == tmp_path / "objects"
     s3 = get_storage(Settings(storage_url="s3://my-bucket/some/prefix", s3_endpoint_url=s3_endpoint))
