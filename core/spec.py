@@ -129,7 +129,7 @@ class CheckpointSection(BaseModel):
     save_total_limit: int | None = Field(3, ge=1, description="Keep only the newest N checkpoints; null keeps all.")
 
 
-class JobSpec(ModelSection, DataSection, OptimizationSection, CheckpointSection):
+class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection):  # fields in reverse base order
     """A fine-tuning job's training configuration (all sections flat, as OpenAI request bodies are)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
