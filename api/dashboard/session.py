@@ -20,7 +20,7 @@ MAX_AGE_SECONDS = 12 * 3600
 @dataclass(frozen=True)
 class DashboardSession:
     nonce: str
-    issued_at: float
+    issued_at: int  # whole seconds, as the cookie carries them
     key_hash: str | None = None
 
     @property
@@ -43,11 +43,11 @@ def _mac(secret: str, purpose: str, message: str) -> str:
 
 def new_session(key_hash: str | None = None) -> DashboardSession:
     """A fresh nonce: signing in or out never keeps the previous session's CSRF token valid."""
-    return DashboardSession(nonce=secrets.token_urlsafe(18), issued_at=time.time(), key_hash=key_hash)
+    return DashboardSession(nonce=secrets.token_urlsafe(18), issued_at=int(time.time()), key_hash=key_hash)
 
 
 def encode(session: DashboardSession, secret: str) -> str:
-    payload = {"n": session.nonce, "t": int(session.issued_at)}
+    payload = {"n": session.nonce, "t": session.issued_at}
     if session.key_hash:
         payload["k"] = session.key_hash
     body = _b64(json.dumps(payload, separators=(",", ":")).encode())
@@ -61,7 +61,7 @@ def decode(cookie: str | None, secret: str, now: float | None = None) -> Dashboa
         return None
     try:
         payload = json.loads(_unb64(body))
-        session = DashboardSession(nonce=str(payload["n"]), issued_at=float(payload["t"]), key_hash=payload.get("k"))
+        session = DashboardSession(nonce=str(payload["n"]), issued_at=int(payload["t"]), key_hash=payload.get("k"))
     except (ValueError, KeyError, TypeError):
         return None
     if (now or time.time()) - session.issued_at > MAX_AGE_SECONDS:

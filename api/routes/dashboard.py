@@ -4,6 +4,7 @@ Pages read through the same services as `/v1` and see exactly what the session's
 """
 
 import hashlib
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 
 from api.dashboard import forms, session as cookies, views
 from api.dashboard.auth import project_for_key_hash
@@ -49,7 +51,13 @@ def _asset_version() -> str:
     return digest.hexdigest()[:10]
 
 
+def inline_code(text: str) -> Markup:
+    """The spec's descriptions mark names with backticks: show them as code, escaping everything else."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
 TEMPLATES.globals["asset_version"] = _asset_version()
+TEMPLATES.filters["inline_code"] = inline_code
 
 
 class SignInRequired(Exception):
@@ -256,15 +264,15 @@ def jobs_poll(request: Request, db: SessionDep, project: DashboardProject, statu
 
 def _events(db, project: Project, job_id: str) -> tuple[list, list]:
     """The newest events for the log, and every metrics event the chart can use."""
-    pages, after, shown = [], None, []
+    events, after = [], None
     for _ in range(EVENT_PAGES_FOR_CHART):
         page = jobs_service.events(db, project, job_id, after=after, limit=1000)
-        pages += page.items
+        events += page.items
         if not page.has_more or not page.items:
             break
         after = page.items[-1].id
-    shown = [views.event_row(event) for event in pages[:EVENTS_SHOWN]]
-    return shown, [event for event in pages if event.type == "metrics"]
+    shown = [views.event_row(event) for event in events[:EVENTS_SHOWN]]
+    return shown, [event for event in events if event.type == "metrics"]
 
 
 def _job_context(db, project: Project, job: Job) -> dict[str, Any]:
@@ -306,9 +314,14 @@ def _new_job_form(request: Request, db, settings, project: Project, *, values: d
                   error_message=forms.inline_message(error) if error else None)
 
 
+async def form_values(request: Request) -> dict[str, str]:
+    """Every text field of a submitted form (the new-job form's field names are the spec's dotted params)."""
+    return {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+
+
 @router.post("/jobs/new", dependencies=[CsrfChecked])
-async def create_job(request: Request, db: SessionDep, settings: SettingsDep, project: DashboardProject) -> Response:
-    values = {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+def create_job(request: Request, db: SessionDep, settings: SettingsDep, project: DashboardProject,
+               values: Annotated[dict[str, str], Depends(form_values)]) -> Response:
     try:
         job = jobs_service.create(db, settings, project, forms.job_create(values))
     except InvalidRequest as exc:

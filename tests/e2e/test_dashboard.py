@@ -8,6 +8,7 @@ import openai
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from api.dashboard import session as cookies
 from tests.conftest import TINY_MODEL_ID, make_project_key
 from tests.e2e.dashboard_helpers import (
     CHROMIUM,
@@ -36,9 +37,9 @@ def browser():
 
 
 @pytest.fixture
-def new_page(browser):
-    """Pages in fresh browser contexts (own cookies), with every script error and refused asset collected."""
-    contexts, errors = [], []
+def new_page(browser, stack):
+    """Pages in fresh browser contexts (own cookies); script errors, refused assets and outside requests collected."""
+    contexts, errors, outside = [], [], []
 
     def open_page():
         context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
@@ -46,12 +47,15 @@ def new_page(browser):
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on("console", lambda msg: errors.append(msg.text) if "Refused to" in msg.text else None)
+        page.on("request", lambda request: None if request.url.startswith((stack.url, "data:"))
+                else outside.append(request.url))
         return page
 
     yield open_page
     for context in contexts:
         context.close()
     assert errors == []
+    assert outside == [], "the dashboard must work on an isolated network"
 
 
 def watch_until_finished(page, timeout: float = 150) -> list[tuple[str, float | None, int]]:
@@ -152,7 +156,12 @@ def test_cancel_from_the_job_page_and_only_the_own_project_is_visible(stack, set
     page.wait_for_function("() => Number(document.querySelector('#job-progress')?.value) > 0")
     screenshot(page, "job-running", DESKTOP)
     page.goto(stack.url + "/jobs")
+    row_progress = f"tr[data-job='{job.id}'] progress"
     expect(page.locator(f"tr[data-job='{job.id}']")).to_contain_text("left")
+    shown = page.locator(row_progress).get_attribute("value")
+    page.evaluate("window.__sameDocument = true")
+    page.wait_for_function(f"v => document.querySelector(\"{row_progress}\").value > Number(v)", arg=shown)
+    assert page.evaluate("window.__sameDocument") is True
     screenshot(page, "jobs-running", DESKTOP)
     screenshot(page, "jobs-running", PHONE)
     page.set_viewport_size(DESKTOP)
@@ -171,3 +180,25 @@ def test_cancel_from_the_job_page_and_only_the_own_project_is_visible(stack, set
     assert response.status == 404
     expect(theirs.get_by_role("heading", name="Not found")).to_be_visible()
     assert theirs.request.get(f"{stack.url}/dashboard/api/jobs/{job.id}").status == 404
+
+
+def test_a_session_cookie_holds_no_key_and_refuses_tampering_and_age():
+    secret = "a-test-secret"
+    signed_in = cookies.new_session(key_hash="ab" * 32)
+    value = cookies.encode(signed_in, secret)
+    assert cookies.decode(value, secret) == signed_in
+    body, _, signature = value.partition(".")
+    assert cookies.decode(body + "." + signature[::-1], secret) is None
+    assert cookies.decode(value, "another-secret") is None
+    assert cookies.decode("not-a-cookie", secret) is None
+    assert cookies.decode(value, secret, now=signed_in.issued_at + cookies.MAX_AGE_SECONDS + 1) is None
+
+
+def test_a_csrf_token_is_bound_to_its_session():
+    secret = "a-test-secret"
+    first, second = cookies.new_session(), cookies.new_session()
+    token = cookies.csrf_token(first, secret)
+    assert cookies.csrf_valid(first, secret, token)
+    assert not cookies.csrf_valid(second, secret, token)
+    assert not cookies.csrf_valid(first, secret, "")
+    assert not cookies.csrf_valid(None, secret, token)
