@@ -32,7 +32,10 @@ def broker_options(settings: Settings) -> dict:
             "polling_interval": 0.1,
         }
     # A task still running after the visibility timeout is delivered again; the database claim makes that harmless.
-    return {"visibility_timeout": 6 * 3600}
+    options = {"visibility_timeout": 6 * 3600}
+    if settings.broker_prefix:
+        options["global_keyprefix"] = settings.broker_prefix
+    return options
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -57,14 +60,15 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-_apps: dict[str, Celery] = {}
+_apps: dict[tuple[str, str], Celery] = {}
 
 
 def celery_for(settings: Settings) -> Celery:
-    """One Celery app per broker URL, created on first use."""
-    if settings.broker_url not in _apps:
-        _apps[settings.broker_url] = make_celery(settings)
-    return _apps[settings.broker_url]
+    """One Celery app per broker (URL and key prefix), created on first use."""
+    key = (settings.broker_url, settings.broker_prefix)
+    if key not in _apps:
+        _apps[key] = make_celery(settings)
+    return _apps[key]
 
 
 def send(settings: Settings, task_name: str, object_id: str) -> None:

@@ -25,10 +25,16 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         "", description="Celery broker; default Celery's filesystem transport under `<data_dir>/broker`. Production: `redis://...`."
     )
+    broker_prefix: str = Field(
+        "", description="Prefix of every broker key, so several deployments (or test runs) can share one Redis."
+    )
     storage_url: str = Field(
         "", description="`file://PATH` (default `file://<data_dir>/objects`) or `s3://BUCKET[/prefix]`."
     )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS servers (MinIO, SeaweedFS, Ceph).")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="Address clients use to reach S3, for presigned download URLs (default: the endpoint)."
+    )
     s3_region: str = Field("us-east-1", description="S3 region name.")
     models_dir: Path = Field(Path("./var/models"), description="Model catalogue: Hugging Face model folders keyed by id.")
     bootstrap_api_key: str | None = Field(

@@ -42,7 +42,6 @@ def redis_url():
     import redis
 
     url = _required_env("LORAJOBS_TEST_REDIS_URL")
-    redis.Redis.from_url(url).flushdb()
     return url
 
 
@@ -73,7 +72,9 @@ def settings(pg_url, redis_url, s3_endpoint, models_dir, tmp_path_factory) -> Se
 
     data_dir = tmp_path_factory.mktemp("data")
     bucket = f"lorajobs-test-{uuid.uuid4().hex[:8]}"
-    settings = Settings(database_url=pg_url, broker_url=redis_url, storage_url=f"s3://{bucket}/data",
+    # A key prefix of its own: test runs sharing one Redis never consume each other's tasks.
+    settings = Settings(database_url=pg_url, broker_url=redis_url, broker_prefix=f"{bucket}:",
+                        storage_url=f"s3://{bucket}/data",
                         s3_endpoint_url=s3_endpoint, models_dir=models_dir, data_dir=data_dir, lease_seconds=6,
                         sweep_interval_seconds=1, max_attempts=3, max_upload_bytes=8 * 1024 * 1024, log_json=False)
     os.environ.update(settings_env(settings))

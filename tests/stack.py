@@ -29,6 +29,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {
         "LORAJOBS_DATABASE_URL": settings.database_url,
         "LORAJOBS_BROKER_URL": settings.broker_url,
+        "LORAJOBS_BROKER_PREFIX": settings.broker_prefix,
         "LORAJOBS_STORAGE_URL": settings.storage_url,
         "LORAJOBS_MODELS_DIR": str(settings.models_dir),
         "LORAJOBS_DATA_DIR": str(settings.data_dir),
@@ -75,7 +76,7 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         env = {**os.environ, **settings_env(self.settings)}
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "worker", "--queues", self.queues,
              "--hostname", f"{self.queues.replace(',', '-')}-{os.getpid()}-{free_port()}@%h"],

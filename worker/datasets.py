@@ -2,27 +2,68 @@
 
 import logging
 
-from core.datasets.validate import validate_jsonl
-from core.settings import get_settings
-from core.storage import get_storage
+from core.catalogue import list_models
+from core.datasets.report import ValidationReport
+from core.datasets.tokens import TokenCount, token_statistics
+from core.datasets.validate import iter_examples, validate_jsonl
+from core.settings import Settings, get_settings
+from core.spec import JobSpec
+from core.storage import Storage, get_storage
 from db import lifecycle
 from db.repositories import files as files_repo
 from db.session import transaction
 
 log = logging.getLogger("lorajobs.worker.datasets")
 
+NO_TRUNCATION = 1 << 30
+
+
+def token_counter(tokenizer, max_seq_length: int):
+    """Count an example's tokens the way training tokenizes it, and what truncation would leave trained."""
+    from worker.training import tokenize_example
+
+    def count(example) -> TokenCount:
+        input_ids, labels = tokenize_example(example, tokenizer, NO_TRUNCATION, False)
+        kept = labels[:max_seq_length]
+        # The first label never carries loss: nothing predicts the first token.
+        trained = sum(1 for label in kept[1:] if label != -100)
+        return TokenCount(len(input_ids), trained, len(input_ids) > max_seq_length)
+
+    return count
+
+
+def add_token_stats(report: ValidationReport, settings: Settings, storage: Storage, key: str) -> ValidationReport:
+    """Token statistics for every catalogue model, at the job spec's default max_seq_length."""
+    from worker.training import load_tokenizer
+
+    max_seq_length = JobSpec.model_fields["max_seq_length"].default
+    for model in list_models(settings.models_dir):
+        try:
+            tokenizer = load_tokenizer(model.id, settings.models_dir)
+        except Exception:  # a catalogue entry without a usable tokenizer only loses its statistics
+            log.warning("no tokenizer for %s; token statistics skipped", model.id, exc_info=True)
+            continue
+        with storage.open(key) as stream:
+            stats = token_statistics(iter_examples(stream), model=model.id, max_seq_length=max_seq_length,
+                                     count=token_counter(tokenizer, max_seq_length))
+        report = report.with_token_stats(stats)
+    return report
+
 
 def validate_file(file_id: str) -> None:
     """Validate a file once; a file already processed or in error is left as it is."""
     settings = get_settings()
+    storage = get_storage(settings)
     with transaction(settings.database_url) as session:
         row = files_repo.get_any(session, file_id)
         if row is None or row.status != "uploaded":
             return
         key = row.storage_key
     try:
-        with get_storage(settings).open(key) as stream:
+        with storage.open(key) as stream:
             report = validate_jsonl(stream)
+        if report.ok:
+            report = add_token_stats(report, settings, storage, key)
         report_data, ok, summary = report.model_dump(mode="json"), report.ok, report.summary
     except Exception as exc:  # the file gets a clear status; the worker stays up
         log.exception("validation crashed", extra={"file_id": file_id})

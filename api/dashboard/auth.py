@@ -3,12 +3,13 @@
 from sqlalchemy.orm import Session
 
 from api.services import projects
+from core.errors import AuthenticationError
 from db.models import Project
 
 
 def project_for_key_hash(db: Session, key_hash: str) -> Project | None:
     """The project of the active API key with this sha256; None once the key is revoked or gone."""
-    for key, project in projects.list_keys(db):
-        if key.key_hash == key_hash and key.revoked_at is None:
-            return project
-    return None
+    try:
+        return projects.authenticate_key_hash(db, key_hash)
+    except AuthenticationError:
+        return None

@@ -73,12 +73,12 @@ def build_spec(body: JobCreate) -> JobSpec:
 def _usable_file(session: Session, project: Project, file_id: str, param: str) -> File:
     row = files_repo.get(session, project.id, file_id)
     if row is None:
-        raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="invalid_file")
+        raise InvalidRequest(f"{param} {file_id} does not exist.", param=param, code="invalid_file")
     if row.purpose != "fine-tune":
-        raise InvalidRequest(f"File {file_id} has purpose '{row.purpose}'; upload training data with purpose "
+        raise InvalidRequest(f"{param} {file_id} has purpose '{row.purpose}'; upload training data with purpose "
                              "'fine-tune'.", param=param, code="invalid_file")
     if row.status == "error":
-        raise InvalidRequest(f"File {file_id} failed validation: {row.status_details} "
+        raise InvalidRequest(f"{param} {file_id} failed validation: {row.status_details} "
                              f"(see GET /v1/files/{file_id}/report).", param=param, code="invalid_file")
     return row
 
@@ -208,7 +208,7 @@ def event_object(event: JobEvent) -> EventObject:
 
 
 def checkpoint_object(job: Job, project: Project, checkpoint: Checkpoint) -> CheckpointObject:
-    metrics = {k: v for k, v in checkpoint.metrics.items() if k in CheckpointMetrics.model_fields}
+    metrics = {k: v for k, v in checkpoint.metrics.items() if k in CheckpointMetrics.model_fields and k != "step"}
     return CheckpointObject(id=checkpoint.id, created_at=int(checkpoint.created_at),
                             fine_tuned_model_checkpoint=checkpoint_model_name(job, project, checkpoint),
                             fine_tuning_job_id=job.id, metrics=CheckpointMetrics(step=checkpoint.step, **metrics),

@@ -71,9 +71,14 @@ def authenticate(session: Session, key: str | None) -> Project:
         raise AuthenticationError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
         )
-    row = repo.get_active_key_by_hash(session, hash_key(key))
+    shown = key[:VISIBLE_PREFIX_LENGTH] + "…" if len(key) > VISIBLE_PREFIX_LENGTH else "…"
+    return authenticate_key_hash(session, hash_key(key), shown=shown)
+
+
+def authenticate_key_hash(session: Session, key_hash: str, *, shown: str = "…") -> Project:
+    """The project of the active key with this sha256 (the dashboard's session holds the hash), or a 401."""
+    row = repo.get_active_key_by_hash(session, key_hash)
     if row is None:
-        shown = key[:VISIBLE_PREFIX_LENGTH] + "…" if len(key) > VISIBLE_PREFIX_LENGTH else "…"
         raise AuthenticationError(f"Incorrect API key provided: {shown}")
     project = repo.get_project(session, row.project_id)
     if project is None:

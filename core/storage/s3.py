@@ -52,7 +52,7 @@ class S3Storage(Storage):
     """Keys live under `prefix` in `bucket`; credentials come from boto3's default chain (AWS_* variables...)."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str = "us-east-1"):
+                 region: str = "us-east-1", public_endpoint_url: str | None = None):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
@@ -62,10 +62,14 @@ class S3Storage(Storage):
         self._client = self._new_client(attempts=5, connect_timeout=5, read_timeout=60)
         # One quick attempt: a readiness probe should answer in seconds, not after a round of retries.
         self._probe_client = self._new_client(attempts=1, connect_timeout=2, read_timeout=5)
+        # Presigned URLs are followed by clients outside the deployment's network: sign them for its public address.
+        self._signing_client = self._new_client(attempts=1, connect_timeout=2, read_timeout=5,
+                                                endpoint_url=public_endpoint_url or endpoint_url)
 
-    def _new_client(self, **timeouts):
-        return self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                                    config=client_config(endpoint_url=self.endpoint_url, **timeouts))
+    def _new_client(self, *, endpoint_url: str | None = None, **timeouts):
+        endpoint_url = endpoint_url or self.endpoint_url
+        return self._session.client("s3", endpoint_url=endpoint_url, region_name=self.region,
+                                    config=client_config(endpoint_url=endpoint_url, **timeouts))
 
     @property
     def location(self) -> str:
@@ -166,7 +170,7 @@ class S3Storage(Storage):
         params = {"Bucket": self.bucket, "Key": self._full_key(key)}
         if filename:
             params["ResponseContentDisposition"] = attachment(filename)
-        return self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        return self._signing_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
 
     def check(self) -> None:
         try:

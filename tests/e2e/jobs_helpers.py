@@ -55,4 +55,4 @@ def wait_status(client: openai.OpenAI, job_id: str, statuses=TERMINAL, timeout: 
 
 
 def all_events(client: openai.OpenAI, job_id: str) -> list:
-    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=100).auto_paging_iter())))
+    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=100))))

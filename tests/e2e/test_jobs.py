@@ -41,7 +41,7 @@ def test_upload_train_download_and_load_the_adapter(openai_client, http, trainin
     checkpoints = list(openai_client.fine_tuning.jobs.checkpoints.list(job.id))
     assert checkpoints and all(c.fine_tuning_job_id == job.id for c in checkpoints)
     assert [c.step_number for c in checkpoints] == sorted((c.step_number for c in checkpoints), reverse=True)
-    assert checkpoints[0].metrics.valid_loss is not None
+    assert any(c.metrics.valid_loss is not None for c in checkpoints)
 
     [results_file] = done.result_files
     csv_text = openai_client.files.content(results_file).text
@@ -102,7 +102,7 @@ def test_cancel_a_running_job_and_a_queued_one(openai_client, training_file):
     assert caught.value.response.headers["x-should-retry"] == "false"
     # The queued job never started, even once its message reached the worker.
     wait_status(openai_client, create_job(openai_client, training_file).id)
-    assert not [e for e in all_events(openai_client, queued.id) if "started" in e.message.lower()]
+    assert not [e for e in all_events(openai_client, queued.id) if e.message.startswith("Training started")]
     assert openai_client.fine_tuning.jobs.retrieve(queued.id).status == "cancelled"
 
 
