@@ -60,3 +60,9 @@ def test_production_refuses_placeholder_secrets():
     with pytest.raises(ValueError, match="LORAJOBS_SECRET_KEY"):
         Settings(environment="production", secret_key="changeme")
     assert Settings(environment="production", secret_key="x" * 40).environment == "production"
+
+
+def test_every_setting_is_documented():
+    documented = (ROOT / "docs" / "configuration.md").read_text()
+    for name in Settings.model_fields:
+        assert f"LORAJOBS_{name.upper()}" in documented, name
