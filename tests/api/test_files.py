@@ -128,3 +128,27 @@ def test_the_worker_survives_hostile_files(openai_client):
     assert {name: r.status for name, r in results.items()} == {name: "error" for name in hostile}
     # The worker is still up: a good file is processed after them.
     assert wait_processed(openai_client, upload(openai_client, chat_lines(10)).id).status == "processed"
+
+
+def test_every_malformed_input_of_the_table_gets_its_code_and_line_through_the_api(openai_client, settings):
+    from tests.core.test_validation import MALFORMED
+
+    uploadable = [(name, content, code, line) for name, content, code, line in MALFORMED
+                  if isinstance(content, bytes) and 0 < len(content) <= settings.max_upload_bytes]
+    assert len(uploadable) >= 25
+    ids = {name: upload(openai_client, content, f"case-{i}.jsonl").id
+           for i, (name, content, _, _) in enumerate(uploadable)}
+    expected = {name: (code, line) for name, _, code, line in uploadable}
+    found = {}
+    deadline = time.time() + 120
+    while len(found) < len(ids) and time.time() < deadline:
+        for name, file_id in ids.items():
+            if name not in found and openai_client.files.retrieve(file_id).status != "uploaded":
+                report = openai_client.get(f"/files/{file_id}/report", cast_to=object)
+                found[name] = report
+        time.sleep(0.2)
+    for name, (code, line) in expected.items():
+        report = found[name]
+        assert report["status"] == "error", name
+        problems = {(p["line"], p["code"]) for p in report["report"]["errors"]}
+        assert (line, code) in problems, (name, problems)
