@@ -76,7 +76,7 @@ def compute_dtype(spec: JobSpec, device: str):
     return torch.bfloat16
 
 
-def base_dtype(spec: JobSpec, device: str):
+def base_dtype(device: str):
     """The dtype the base is loaded in: bf16 on a GPU that supports it, fp32 on the CPU (where bf16 training is slow)."""
     import torch
 
@@ -96,7 +96,6 @@ def to_bnb_config(spec: JobSpec, device: str):
         bnb_4bit_quant_type=spec.quantization,
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(spec, device),
-        bnb_4bit_quant_storage="uint8",
     )
 
 
@@ -144,7 +143,7 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str):
     from transformers import AutoModelForCausalLM
 
     bnb_config = to_bnb_config(spec, device)
-    kwargs = {"dtype": base_dtype(spec, device)}
+    kwargs = {"dtype": base_dtype(device)}
     if bnb_config is not None:
         kwargs.update(quantization_config=bnb_config, device_map={"": 0} if device == "cuda" else {"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(model_source(models_dir, spec.model), **kwargs)
