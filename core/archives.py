@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 ARCHIVE_FORMATS = ("tar.gz", "zip")
+MERGED_FORMAT = "tar"  # merged weights barely compress; an uncompressed tar is written and read at disk speed
 
 
 def sha256_file(path: Path) -> str:
@@ -19,8 +20,8 @@ def sha256_file(path: Path) -> str:
 def make_archive(folder: Path, dest: Path, fmt: str) -> Path:
     """Pack every file of `folder` (recursively, paths relative to it) into `dest`."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    if fmt == "tar.gz":
-        with tarfile.open(dest, "w:gz") as tar:
+    if fmt in ("tar.gz", "tar"):
+        with tarfile.open(dest, "w:gz" if fmt == "tar.gz" else "w") as tar:
             for path in files:
                 tar.add(path, arcname=path.relative_to(folder).as_posix())
     elif fmt == "zip":

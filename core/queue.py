@@ -9,6 +9,7 @@ from kombu import Queue
 from core.settings import Settings
 
 TRAIN_JOB = "lorajobs.jobs.train"
+MERGE_JOB = "lorajobs.jobs.merge"
 VALIDATE_FILE = "lorajobs.files.validate"
 SWEEP = "lorajobs.jobs.sweep"
 PING = "lorajobs.ping"
@@ -52,7 +53,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_queues=[Queue(CPU_QUEUE), Queue(GPU_QUEUE)],
         task_default_queue=CPU_QUEUE,
-        task_routes={TRAIN_JOB: {"queue": GPU_QUEUE}, VALIDATE_FILE: {"queue": CPU_QUEUE},
+        task_routes={TRAIN_JOB: {"queue": GPU_QUEUE}, MERGE_JOB: {"queue": GPU_QUEUE}, VALIDATE_FILE: {"queue": CPU_QUEUE},
                      SWEEP: {"queue": CPU_QUEUE}, PING: {"queue": CPU_QUEUE}},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -25,6 +25,13 @@ def train_job(job_id: str) -> None:
     run_job(job_id)
 
 
+@shared_task(name=queue.MERGE_JOB)
+def merge_job(job_id: str) -> None:
+    from worker.merge import merge_job as run
+
+    run(job_id)
+
+
 @shared_task(name=queue.SWEEP)
 def sweep() -> None:
     from worker.sweep import sweep as run

@@ -3,7 +3,7 @@
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.schemas import ListResponse
@@ -62,3 +62,13 @@ def download_adapter(job_id: str, session: SessionDep, storage: StorageDep, proj
                      redirect: bool = True) -> StreamingResponse | RedirectResponse:
     archive = artifacts.adapter_archive(session, storage, project, job_id, fmt=format, checkpoint_id=checkpoint)
     return artifacts.respond(storage, archive, redirect=redirect)
+
+
+@router.get("/{job_id}/merged", response_model=None)
+def download_merged(job_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+                    project: CurrentProject, redirect: bool = True) -> StreamingResponse | RedirectResponse | JSONResponse:
+    """The adapter merged into its full-precision base as a tar of a normal HF model folder (202 while produced)."""
+    merged = artifacts.merged_model(session, settings, project, job_id)
+    if isinstance(merged, dict):
+        return JSONResponse(merged, status_code=202, headers={"retry-after": "5"})
+    return artifacts.respond(storage, merged, redirect=redirect)

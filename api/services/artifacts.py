@@ -1,17 +1,23 @@
 """Downloads of trained adapters: streamed from storage, or a redirect to a presigned URL."""
 
+import time
 from dataclasses import dataclass
 
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.services import jobs
+from core import queue
+from core.archives import MERGED_FORMAT
 from core.errors import Conflict, NotFound
+from core.settings import Settings
 from core.storage import Storage
+from db.session import after_commit
 from db.models import Project
 from db.repositories import jobs as repo
 
-MEDIA_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
+MEDIA_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip", "tar": "application/x-tar"}
+
 
 
 @dataclass
@@ -52,3 +58,23 @@ def respond(storage: Storage, archive: Archive, *, redirect: bool) -> StreamingR
         return RedirectResponse(url, status_code=307, headers=headers)
     headers["content-length"] = str(archive.size)
     return StreamingResponse(storage.iter_chunks(archive.key), media_type=MEDIA_TYPES[archive.fmt], headers=headers)
+
+
+def merged_model(session: Session, settings: Settings, project: Project, job_id: str) -> Archive | dict:
+    """The stored merged model, or its pending state (a merge is queued on the first request)."""
+    job = jobs.get(session, project, job_id)
+    if job.status != "succeeded":
+        raise Conflict(f"Job {job_id} is {job.status}; a merged model exists once it has succeeded.",
+                       param="fine_tuning_job_id", code="adapter_not_ready")
+    merged = (job.artifacts or {}).get("merged") or {}
+    if merged.get("status") == "ready":
+        return Archive(merged["key"], f"{job.id}-merged.{MERGED_FORMAT}", merged["sha256"], merged["bytes"],
+                       MERGED_FORMAT)
+    message = "The merged model is being produced from the full-precision base; ask again shortly."
+    if merged.get("status") == "failed":
+        message = f"The last merge failed ({merged.get('message')}); it is being retried."
+    if merged.get("status") != "pending":
+        job.artifacts = {**job.artifacts, "merged": {"status": "pending", "requested_at": time.time()}}
+        after_commit(session, lambda: queue.send(settings, queue.MERGE_JOB, job_id))
+    return {"object": "fine_tuning.job.merged_model", "fine_tuning_job_id": job.id, "status": "pending",
+            "message": message}

@@ -1,6 +1,7 @@
 """Fine-tuning jobs end to end: the `openai` SDK, the API, real PostgreSQL, Redis, S3 and worker processes."""
 
 import tarfile
+import time
 import zipfile
 
 import httpx
@@ -171,3 +172,36 @@ def test_another_projects_job_answers_404(stack, settings, openai_client, traini
         created = theirs.post("fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": training_file})
         assert created.status_code == 400 and created.json()["error"]["param"] == "training_file"
     openai_client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_merged_model_is_produced_on_request_and_matches_the_adapter(openai_client, http, training_file,
+                                                                       models_dir, tmp_path):
+    job = wait_status(openai_client, create_job(openai_client, training_file).id)
+    assert job.status == "succeeded"
+    first = http.get(f"fine_tuning/jobs/{job.id}/merged")
+    assert first.status_code == 202 and first.json()["status"] == "pending"
+    deadline = time.time() + 120
+    while (answer := http.get(f"fine_tuning/jobs/{job.id}/merged", params={"redirect": "false"})).status_code == 202:
+        assert time.time() < deadline, "the merged model was never produced"
+        time.sleep(0.3)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/x-tar"
+    (tmp_path / "merged.tar").write_bytes(answer.content)
+    with tarfile.open(tmp_path / "merged.tar") as tar:
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(tar.getnames())
+        tar.extractall(tmp_path / "merged", filter="data")
+    adapter = http.get(f"fine_tuning/jobs/{job.id}/adapter", params={"redirect": "false"})
+    (tmp_path / "adapter.tar.gz").write_bytes(adapter.content)
+    with tarfile.open(tmp_path / "adapter.tar.gz") as tar:
+        tar.extractall(tmp_path / "adapter", filter="data")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    inputs = tokenizer("What is the price of the tent?", return_tensors="pt")
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
+        base = AutoModelForCausalLM.from_pretrained(models_dir / TINY_MODEL_ID)
+        adapter_logits = PeftModel.from_pretrained(base, tmp_path / "adapter")(**inputs).logits
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-4)

@@ -1,0 +1,48 @@
+"""A merged model on request: the job's adapter folded into its full-precision base, stored once as a tar."""
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from core.archives import MERGED_FORMAT, make_archive, unpack_archive
+from core.settings import get_settings
+from core.storage import get_storage
+from db.repositories import jobs as repo
+from db.session import transaction
+from worker.jobs import job_prefix
+
+log = logging.getLogger("lorajobs.worker.merge")
+
+
+def _set_merged(database_url: str, job_id: str, entry: dict) -> None:
+    with transaction(database_url) as session:
+        job = repo.get_any(session, job_id, for_update=True)
+        job.artifacts = {**(job.artifacts or {}), "merged": entry}
+
+
+def merge_job(job_id: str) -> None:
+    """Produce the merged model of a succeeded job whose merge is pending; any other state is left alone."""
+    from worker.training import merge_adapter
+
+    settings = get_settings()
+    storage = get_storage(settings)
+    with transaction(settings.database_url) as session:
+        job = repo.get_any(session, job_id)
+        merged = (job.artifacts or {}).get("merged", {}) if job else {}
+        if job is None or merged.get("status") != "pending":
+            return
+        adapter_key, project_id = job.artifacts["tar.gz"]["key"], job.project_id
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"lorajobs-merge-{job_id}-") as tmp:
+            work = Path(tmp)
+            storage.download_to(adapter_key, work / "adapter.tar.gz")
+            adapter = unpack_archive(work / "adapter.tar.gz", work / "adapter")
+            merge_adapter(adapter, work / "merged", settings.models_dir)
+            archive = make_archive(work / "merged", work / f"merged.{MERGED_FORMAT}", MERGED_FORMAT)
+            stored = storage.put_file(f"{job_prefix(project_id, job_id)}/merged.{MERGED_FORMAT}", archive)
+        _set_merged(settings.database_url, job_id, {"status": "ready", "key": stored.key, "sha256": stored.sha256,
+                                                    "bytes": stored.size, "finished_at": time.time()})
+    except Exception as exc:  # recorded on the job; asking again retries
+        log.exception("merge failed", extra={"job_id": job_id})
+        _set_merged(settings.database_url, job_id, {"status": "failed", "message": f"{type(exc).__name__}: {exc}"[:500]})
