@@ -10,7 +10,7 @@ from api.services.projects import authenticate
 from core.settings import Settings
 from core.storage import Storage
 from db.models import Project
-from db.session import session_factory
+from db.session import transaction
 
 
 def get_settings(request: Request) -> Settings:
@@ -22,15 +22,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """The request's transaction: committed when the handler returns, before the response is sent."""
-    session = session_factory(settings.database_url)()
-    try:
+    with transaction(settings.database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": the commit happens before the response leaves, so a client that reads right after sees it.

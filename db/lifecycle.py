@@ -8,10 +8,29 @@ from core import queue
 from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec, resolve_auto
+from core.storage import Storage
 from db.models import File, Job, JobEvent
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
 from db.session import after_commit
+
+
+RESULTS_PURPOSE = "fine-tune-results"
+
+
+def file_key(project_id: str, file_id: str) -> str:
+    """Where a file's bytes live in object storage."""
+    return f"projects/{project_id}/files/{file_id}"
+
+
+def store_result_file(session: Session, storage: Storage, project_id: str, *, filename: str, data: bytes) -> File:
+    """A file we produce for a user (a job's metrics CSV), stored and already processed."""
+    file_id = new_id("file")
+    stored = storage.put_bytes(file_key(project_id, file_id), data)
+    row = File(id=file_id, project_id=project_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=stored.size,
+               sha256=stored.sha256, storage_key=stored.key, status="processed", created_at=time.time())
+    files_repo.add(session, row)
+    return row
 
 
 def fine_tuned_model_name(job: Job, project_name: str) -> str:

@@ -65,6 +65,16 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_models_dir(tmp_path_factory) -> Path:
+    """A catalogue with SmolLM2-135M-Instruct converted from the packaged GGUF (about 25 s, once per session)."""
+    from worker.catalogue import install_smollm2
+
+    root = tmp_path_factory.mktemp("smollm2")
+    install_smollm2(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def settings(pg_url, redis_url, s3_endpoint, models_dir, tmp_path_factory) -> Settings:
     """Settings on the real services; exported to the environment so workers and `get_settings()` agree."""
     from core.storage import get_storage

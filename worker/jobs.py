@@ -25,7 +25,7 @@ from core.settings import Settings, get_settings
 from core.spec import JobSpec
 from core.storage import Storage, get_storage
 from db import lifecycle
-from db.models import Checkpoint, File
+from db.models import Checkpoint
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
 from db.repositories import projects as projects_repo
@@ -250,12 +250,8 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
         return
     archives = run.store_archives(Path(result.adapter_dir), f"{job_prefix(job.project_id, job.id)}/adapter")
     with transaction(settings.database_url) as session:
-        results_file = File(id=new_id("file"), project_id=job.project_id, filename=f"{job.id}-metrics.csv",
-                            purpose="fine-tune-results", bytes=0, sha256="", storage_key="", status="processed",
-                            created_at=time.time())
-        stored = storage.put_bytes(f"projects/{job.project_id}/files/{results_file.id}", run.metrics_csv())
-        results_file.bytes, results_file.sha256, results_file.storage_key = stored.size, stored.sha256, stored.key
-        files_repo.add(session, results_file)
+        results_file = lifecycle.store_result_file(session, storage, job.project_id,
+                                                   filename=f"{job.id}-metrics.csv", data=run.metrics_csv())
         row = repo.get_any(session, job.id)
         data = result.to_dict()
         progress = {**(row.progress or {}), "step": result.steps, "total_steps": result.total_steps, "percent": 100.0}

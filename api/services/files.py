@@ -11,22 +11,18 @@ from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from core.ids import new_id
 from core.settings import Settings
 from core.storage import Storage
+from db import lifecycle
 from db.models import File, Project
 from db.repositories import files as repo
 from db.repositories.pagination import Page
 from db.session import after_commit
 
 UPLOAD_PURPOSES = ("fine-tune",)
-RESULTS_PURPOSE = "fine-tune-results"
 
 
 def to_object(row: File) -> FileObject:
     return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at), filename=row.filename,
                       purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256)
-
-
-def storage_key(project_id: str, file_id: str) -> str:
-    return f"projects/{project_id}/files/{file_id}"
 
 
 def upload(session: Session, settings: Settings, storage: Storage, project: Project, *, stream: BinaryIO,
@@ -40,7 +36,7 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
         raise PayloadTooLarge(f"The file is larger than the {limit:,}-byte limit (LORAJOBS_MAX_UPLOAD_BYTES).",
                               param="file")
     file_id = new_id("file")
-    key = storage_key(project.id, file_id)
+    key = lifecycle.file_key(project.id, file_id)
     stored = storage.put_stream(key, stream, max_bytes=limit, content_type="application/jsonl")
     if stored.size == 0:
         storage.delete(key)
@@ -53,17 +49,6 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
         storage.delete(key)
         raise
     after_commit(session, lambda: queue.send(settings, queue.VALIDATE_FILE, file_id))
-    return row
-
-
-def add_result_file(session: Session, storage: Storage, project_id: str, *, filename: str, data: bytes) -> File:
-    """A file we produce for a user (a job's metrics CSV), already processed."""
-    file_id = new_id("file")
-    key = storage_key(project_id, file_id)
-    stored = storage.put_bytes(key, data)
-    row = File(id=file_id, project_id=project_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=stored.size,
-               sha256=stored.sha256, storage_key=key, status="processed", created_at=time.time())
-    repo.add(session, row)
     return row
 
 

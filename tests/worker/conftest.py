@@ -1,4 +1,4 @@
-"""Fixtures of the worker tests: the tiny model's catalogue, small chat datasets, specs that train in seconds."""
+"""Fixtures of the worker tests: small chat datasets and specs that train in seconds (catalogues: tests/conftest.py)."""
 
 import json
 from pathlib import Path
@@ -25,16 +25,6 @@ def tiny_spec(**overrides) -> JobSpec:
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    """A catalogue holding only the tiny random Llama (the worker tests need no services)."""
-    from tests.helpers.tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("models")
-    build_tiny_model(root / TINY)
-    return root
-
-
-@pytest.fixture(scope="session")
 def chat_files(tmp_path_factory) -> tuple[Path, Path]:
     """Training (20 chats) and validation (6 chats) files."""
     root = tmp_path_factory.mktemp("chat")
@@ -47,13 +37,3 @@ def tokenizer(models_dir):
     from worker.training import load_tokenizer
 
     return load_tokenizer(TINY, models_dir)
-
-
-@pytest.fixture(scope="session")
-def smollm2_models_dir(tmp_path_factory) -> Path:
-    """A catalogue with SmolLM2-135M-Instruct converted from the bundled GGUF (about 25 s, once per session)."""
-    from worker.catalogue import install_smollm2
-
-    root = tmp_path_factory.mktemp("smollm2")
-    install_smollm2(root)
-    return root

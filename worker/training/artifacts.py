@@ -1,11 +1,11 @@
 """Save: the result, the model card and the training log that go with an adapter."""
 
 import csv
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "lorajobs")
 LOG_COLUMNS = ("step", "epoch", "train_loss", "learning_rate", "grad_norm", "tokens_seen", "valid_loss", "valid_mean_token_accuracy")
@@ -45,14 +45,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as data:
-        for chunk in iter(lambda: data.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def log_rows(log_history: list[dict]) -> list[dict]:

@@ -7,11 +7,11 @@ evaluate -> save. Knows nothing of Celery: the caller's `TrainingHooks` are its 
 from functools import partial
 from pathlib import Path
 
+from core.archives import sha256_file
 from core.errors import InvalidRequest
 from core.spec import JobSpec, ResolvedHyperparameters, resolve_auto
 from worker.training.artifacts import (
     TrainingResult,
-    file_sha256,
     library_versions,
     log_rows,
     write_model_card,
@@ -177,9 +177,9 @@ def train(
             hooks.on_metrics(dict(metrics))
     adapter_dir = save_adapter(model, out_dir, spec.model)
     write_training_log(out_dir / "training_log.csv", log_rows(trainer.state.log_history))
-    sha = {"training_file": file_sha256(Path(train_path))}
+    sha = {"training_file": sha256_file(Path(train_path))}
     if valid_path:
-        sha["validation_file"] = file_sha256(Path(valid_path))
+        sha["validation_file"] = sha256_file(Path(valid_path))
     result = TrainingResult(
         adapter_dir=adapter_dir,
         status=status,
