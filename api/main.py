@@ -4,12 +4,13 @@ import logging
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI
+from starlette.datastructures import Headers, MutableHeaders
 
 from api.deps import get_current_project
 from api.errors import envelope, install_error_handlers
 from api.routes import dashboard, files, health, jobs, models
-from core.logging import request_id_var
+from core.logging import configure_logging, request_id_var
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 
@@ -19,11 +20,49 @@ log = logging.getLogger("lorajobs.api")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-def upload_too_large(request: Request, settings: Settings):
+class RequestContext:
+    """Request id (taken from `x-request-id` or made), access log, and the upload size gate.
+
+    A plain ASGI middleware: Starlette's `BaseHTTPMiddleware` costs a task and a stream per request.
+    """
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or "req_" + uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        try:
+            too_large = upload_too_large(scope, headers, self.settings)
+            if too_large is not None:
+                await too_large(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                           "ms": round((time.perf_counter() - started) * 1000, 1)})
+            request_id_var.reset(token)
+
+
+def upload_too_large(scope, headers: Headers, settings: Settings):
     """Refuse an upload whose declared size is over the limit before reading its body."""
-    if request.method != "POST" or request.url.path != "/v1/files":
+    if scope["method"] != "POST" or scope["path"] != "/v1/files":
         return None
-    declared = request.headers.get("content-length", "")
+    declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
         return envelope(413, f"The file is larger than the {settings.max_upload_bytes:,}-byte limit "
                         "(LORAJOBS_MAX_UPLOAD_BYTES).", type_="invalid_request_error", param="file",
@@ -42,20 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = get_storage(settings)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def request_id_and_access_log(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or "req_" + uuid.uuid4().hex
-        token = request_id_var.set(request_id)
-        started = time.perf_counter()
-        try:
-            response = upload_too_large(request, settings) or await call_next(request)
-            response.headers["x-request-id"] = request_id
-            log.info("request", extra={"method": request.method, "path": request.url.path,
-                                       "status": response.status_code,
-                                       "ms": round((time.perf_counter() - started) * 1000, 1)})
-            return response
-        finally:
-            request_id_var.reset(token)
+    app.add_middleware(RequestContext, settings=settings)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_current_project)])
     v1.include_router(files.router)
@@ -65,3 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     dashboard.install(app)
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The factory each `lorajobs api --workers N` process builds: logging configured, then the app."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)

@@ -1,16 +1,18 @@
 """API latency and throughput with 10,000 jobs in PostgreSQL, beside a bare FastAPI endpoint; dispatch latency.
 
-    .venv/bin/python bench/api_load.py --pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres \
-        --redis redis://127.0.0.1:6379/13
+    .venv/bin/python -m bench.api_load [--pg URL] [--redis URL] [--workers 2]
 
-Runs the real API (`lorajobs api`, one uvicorn process) and a bare FastAPI app the same way, drives both
-with 64 concurrent clients from this process, and prints p50/p99 latency, requests/s and the ratio.
-Then measures create -> running on an idle worker.
+Runs the real API (`lorajobs api --workers N`) and a bare FastAPI app served the same way (uvicorn, N
+processes), drives each with 64 concurrent connections from `wrk` (Debian's package: a C load
+generator, so the client does not eat the server's CPU as a Python one would), and prints p50/p99
+latency, requests/s and the ratio to the bare endpoint. Then measures create -> running on an idle worker.
 """
 
 import argparse
-import asyncio
+import re
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -55,26 +57,21 @@ def seed_jobs(database_url: str, n: int) -> tuple[str, str]:
     return new.key, f"ftjob-bench{n // 2:06d}"
 
 
-async def load(url: str, headers: dict, clients: int, requests: int) -> dict:
-    latencies: list[float] = []
-    remaining = iter(range(requests))
+def _millis(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    async def client_loop(http: httpx.AsyncClient) -> None:
-        for _ in remaining:
-            started = time.perf_counter()
-            response = await http.get(url, headers=headers)
-            latencies.append(time.perf_counter() - started)
-            assert response.status_code == 200, response.text
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as http:
-        await http.get(url, headers=headers)
-        began = time.perf_counter()
-        await asyncio.gather(*(client_loop(http) for _ in range(clients)))
-        elapsed = time.perf_counter() - began
-    latencies.sort()
-    return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
+def load(url: str, key: str | None, connections: int, seconds: int) -> dict:
+    """wrk's requests/s and latency percentiles for GETs of `url`; every response must be 2xx."""
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if key:
+        command[1:1] = ["-H", f"Authorization: Bearer {key}"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "Non-2xx" not in out, out
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": _millis(percentiles["50"]), "p99_ms": _millis(percentiles["99"])}
 
 
 def dispatch_latency(api_url: str, key: str, database_url: str, env: dict, runs: int, work: Path) -> list[float]:
@@ -113,9 +110,12 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--seconds", type=int, default=10, help="Load per endpoint.")
+    parser.add_argument("--workers", type=int, default=2, help="Server processes, for ours and the bare app.")
     parser.add_argument("--dispatch-runs", type=int, default=10)
     args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("install the load generator first: apt-get install wrk")
 
     database_url, drop = fresh_postgres_database(args.pg)
     work = Path(tempfile.mkdtemp(prefix="lorajobs-bench-"))
@@ -131,19 +131,21 @@ def main() -> None:
     procs = []
     try:
         key, job_id = seed_jobs(database_url, args.jobs)
-        procs.append(start_process(["-m", "cli.main", "api", "--port", str(api_port)], env, work / "api.log"))
+        procs.append(start_process(["-m", "cli.main", "api", "--port", str(api_port), "--workers", str(args.workers)],
+                                   env, work / "api.log"))
         procs.append(start_process(["-m", "uvicorn", "--app-dir", str(work), "bare_app:app", "--port", str(bare_port),
-                                    "--log-level", "warning", "--no-access-log"], env, work / "bare.log"))
+                                    "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
+                                   env, work / "bare.log"))
         api, bare = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{bare_port}"
         wait_http(api + "/healthz")
         wait_http(bare + "/bare")
-        headers = {"Authorization": f"Bearer {key}"}
-        print(f"{args.jobs:,} jobs in PostgreSQL; {args.clients} concurrent clients; {args.requests} requests each\n")
+        print(f"{args.jobs:,} jobs in PostgreSQL; {args.clients} concurrent connections (wrk); {args.seconds} s each; "
+              f"{args.workers} server processes\n")
         results = {}
-        for name, url, hdrs in (("bare FastAPI endpoint", bare + "/bare", {}),
-                                ("GET /v1/fine_tuning/jobs/{id}", f"{api}/v1/fine_tuning/jobs/{job_id}", headers),
-                                ("GET /v1/fine_tuning/jobs?limit=20", f"{api}/v1/fine_tuning/jobs?limit=20", headers)):
-            results[name] = asyncio.run(load(url, hdrs, args.clients, args.requests))
+        for name, url, auth in (("bare FastAPI endpoint", bare + "/bare", None),
+                                ("GET /v1/fine_tuning/jobs/{id}", f"{api}/v1/fine_tuning/jobs/{job_id}", key),
+                                ("GET /v1/fine_tuning/jobs?limit=20", f"{api}/v1/fine_tuning/jobs?limit=20", key)):
+            results[name] = load(url, auth, args.clients, args.seconds)
         base = results["bare FastAPI endpoint"]["rps"]
         print(f"{'endpoint':<36} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8}")
         for name, r in results.items():

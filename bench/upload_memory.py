@@ -36,7 +36,7 @@ def multipart_body(megabytes: int):
     """A multipart upload of `megabytes` MB of chat JSONL, generated chunk by chunk."""
     line = (json.dumps({"messages": [{"role": "user", "content": "What is the warranty on the trail tent?"},
                                      {"role": "assistant", "content": "Two years, parts and labour."}]}) + "\n")
-    chunk = (line * (1 << 20 // len(line) + 1)).encode()[: 1 << 20]
+    chunk = (line * ((1 << 20) // len(line) + 1)).encode()[: 1 << 20]
     yield (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
            "Content-Type: application/jsonl\r\n\r\n").encode()

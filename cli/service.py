@@ -23,6 +23,7 @@ def register(sub) -> None:
     api = sub.add_parser("api", help="Run the API server.")
     api.add_argument("--host")
     api.add_argument("--port", type=int)
+    api.add_argument("--workers", type=int, help="API processes (LORAJOBS_API_WORKERS).")
     api.set_defaults(handler=cmd_api)
 
     worker = sub.add_parser("worker", help="Run a Celery worker.")
@@ -72,8 +73,11 @@ def cmd_api(args) -> int:
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_config=None, access_log=False)
+    workers = args.workers or settings.api_workers
+    # Several processes need an import string; each builds the app from the same environment.
+    app = "api.main:create_served_app" if workers > 1 else create_app(settings)
+    uvicorn.run(app, factory=workers > 1, workers=workers, host=args.host or settings.host,
+                port=args.port or settings.port, log_config=None, access_log=False)
     return 0
 
 

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, description="Port the API binds to.")
+    api_workers: int = Field(1, ge=1, description="Processes serving the API (`lorajobs api`); about one per core.")
     secret_key: str = Field(
         "dev-insecure-secret-key", description="Signs dashboard sessions and CSRF tokens; must be set in production."
     )

@@ -77,12 +77,9 @@ def authenticate(session: Session, key: str | None) -> Project:
 
 def authenticate_key_hash(session: Session, key_hash: str, *, shown: str = "…") -> Project:
     """The project of the active key with this sha256 (the dashboard's session holds the hash), or a 401."""
-    row = repo.get_active_key_by_hash(session, key_hash)
-    if row is None:
-        raise AuthenticationError(f"Incorrect API key provided: {shown}")
-    project = repo.get_project(session, row.project_id)
+    project = repo.get_project_by_active_key_hash(session, key_hash)
     if project is None:
-        raise AuthenticationError("The API key's project no longer exists.")
+        raise AuthenticationError(f"Incorrect API key provided: {shown}")
     return project
 
 

@@ -23,6 +23,13 @@ def get_active_key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
 
 
+def get_project_by_active_key_hash(session: Session, key_hash: str) -> Project | None:
+    """The project of an active key, in one query (every API request asks it)."""
+    stmt = (select(Project).join(ApiKey, ApiKey.project_id == Project.id)
+            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+    return session.scalar(stmt)
+
+
 def get_key(session: Session, key_id: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.id == key_id))
 
