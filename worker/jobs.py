@@ -137,7 +137,7 @@ class JobRun:
 
     def on_metrics(self, metrics: dict) -> None:
         step = metrics.get("step")
-        parts = [f"{k}={v:.4f}" for k, v in metrics.items() if k != "step" and isinstance(v, float)]
+        parts = [f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float)]
         self._event(f"Step {step}: " + ", ".join(parts), type_="metrics", data=metrics)
 
     def on_event(self, level: str, message: str) -> None:
