@@ -58,7 +58,7 @@ def new_page(browser, stack):
     assert outside == [], "the dashboard must work on an isolated network"
 
 
-def watch_until_finished(page, timeout: float = 150) -> list[tuple[str, float | None, int]]:
+def watch_until_finished(page, timeout: float = 300) -> list[tuple[str, float | None, int]]:
     """What the open page shows, sampled until the job finishes; the page is never reloaded here."""
     seen, deadline = [], time.time() + timeout
     while time.time() < deadline:
@@ -93,8 +93,9 @@ def test_sign_in_upload_train_watch_and_download(stack, settings, new_page, tmp_
     screenshot(page, "file", DESKTOP)
 
     page.get_by_role("link", name="Train on this file").click()
-    fill_job_form(page, TINY_MODEL_ID, r="0", epochs="4", batch_size="2", max_seq_length="64", eval_steps="10",
-                  save_steps="20")
+    # 240 steps: long enough for the page's 1.5 s polls to see it run on a fast idle machine too.
+    fill_job_form(page, TINY_MODEL_ID, r="0", epochs="20", batch_size="2", max_seq_length="64", eval_steps="20",
+                  save_steps="60")
     page.get_by_role("button", name="Create job").click()
     expect(page.locator(".field-error")).to_have_text("Input should be greater than or equal to 1")
     expect(page.get_by_label("LoRA rank r")).to_have_attribute("aria-invalid", "true")
