@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.schemas import FileDeleted, FileObject, ListResponse, ValidationReportResponse
 from api.services import files as service
+from core.storage.base import attachment
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -38,7 +39,7 @@ def file_content(file_id: str, session: SessionDep, storage: StorageDep, project
     row = service.get(session, project, file_id)
     return StreamingResponse(storage.iter_chunks(row.storage_key), media_type="application/octet-stream",
                              headers={"content-length": str(row.bytes), "x-content-sha256": row.sha256,
-                                      "content-disposition": f'attachment; filename="{row.filename}"'})
+                                      "content-disposition": attachment(row.filename)})
 
 
 @router.get("/{file_id}/report", response_model=ValidationReportResponse)

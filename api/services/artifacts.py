@@ -12,6 +12,7 @@ from core.archives import MERGED_FORMAT
 from core.errors import Conflict, NotFound
 from core.settings import Settings
 from core.storage import Storage
+from core.storage.base import attachment
 from db.session import after_commit
 from db.models import Project
 from db.repositories import jobs as repo
@@ -52,7 +53,7 @@ def adapter_archive(session: Session, storage: Storage, project: Project, job_id
 
 def respond(storage: Storage, archive: Archive, *, redirect: bool) -> StreamingResponse | RedirectResponse:
     headers = {"x-content-sha256": archive.sha256,
-               "content-disposition": f'attachment; filename="{archive.filename}"'}
+               "content-disposition": attachment(archive.filename)}
     url = storage.presigned_get_url(archive.key, filename=archive.filename) if redirect else None
     if url:
         return RedirectResponse(url, status_code=307, headers=headers)

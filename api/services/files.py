@@ -25,6 +25,12 @@ def to_object(row: File) -> FileObject:
                       purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256)
 
 
+def clean_filename(filename: str | None) -> str:
+    """The name a user gave, without folders or control characters, at most 255 characters."""
+    name = "".join(c for c in (filename or "").replace("\\", "/").rsplit("/", 1)[-1] if c.isprintable()).strip()
+    return name[:255] or "upload.jsonl"
+
+
 def upload(session: Session, settings: Settings, storage: Storage, project: Project, *, stream: BinaryIO,
            filename: str | None, purpose: str, declared_size: int | None = None) -> File:
     """Stream an upload into storage, record it as `uploaded`, and queue its validation after commit."""
@@ -41,7 +47,7 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
     if stored.size == 0:
         storage.delete(key)
         raise InvalidRequest("The file is empty.", param="file", code="empty_file")
-    row = File(id=file_id, project_id=project.id, filename=(filename or "upload.jsonl")[:255], purpose=purpose,
+    row = File(id=file_id, project_id=project.id, filename=clean_filename(filename), purpose=purpose,
                bytes=stored.size, sha256=stored.sha256, storage_key=key, status="uploaded", created_at=time.time())
     try:
         repo.add(session, row)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import quote
 
 from core.errors import InvalidRequest, ObjectNotFound, PayloadTooLarge
 
@@ -192,3 +193,9 @@ class Storage(ABC):
     @abstractmethod
     def check(self) -> None:
         """Readiness probe: raises ServiceUnavailable naming what failed."""
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for any file name: an ASCII fallback, and the exact name per RFC 6266/5987."""
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"

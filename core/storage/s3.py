@@ -11,7 +11,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import ObjectNotFound, ServiceUnavailable, StorageError
-from core.storage.base import (CHUNK_SIZE, HashingReader, Storage, StoredObject, check_key, check_prefix,
+from core.storage.base import (CHUNK_SIZE, HashingReader, attachment, Storage, StoredObject, check_key, check_prefix,
                                check_range, not_found, stream_chunks)
 
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -41,11 +41,6 @@ def client_config(*, endpoint_url: str | None, attempts: int, connect_timeout: f
 
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "unknown"))
-
-
-def attachment(filename: str) -> str:
-    safe = "".join(c for c in filename if c.isprintable() and c not in '"\\')
-    return f'attachment; filename="{safe}"'
 
 
 class S3Storage(Storage):

@@ -152,3 +152,14 @@ def test_every_malformed_input_of_the_table_gets_its_code_and_line_through_the_a
         assert report["status"] == "error", name
         problems = {(p["line"], p["code"]) for p in report["report"]["errors"]}
         assert (line, code) in problems, (name, problems)
+
+
+def test_any_file_name_is_kept_and_served_safely(openai_client, http):
+    name = "données Q3 数据.jsonl"
+    uploaded = upload(openai_client, chat_lines(10), "../../etc/" + name)
+    assert uploaded.filename == name
+    response = http.get(f"files/{uploaded.id}/content")
+    assert response.status_code == 200 and response.content == chat_lines(10)
+    disposition = response.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="donn_es Q3 __.jsonl"')
+    assert "filename*=UTF-8''donn%C3%A9es%20Q3%20%E6%95%B0%E6%8D%AE.jsonl" in disposition
