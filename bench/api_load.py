@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench._services import ROOT, free_port, fresh_postgres_database, start_process, wait_http
+from bench._services import free_port, fresh_postgres_database, start_process, wait_http
 
 BARE_APP = '''
 from fastapi import FastAPI

@@ -97,6 +97,7 @@ log "S3: SeaweedFS on $LORAJOBS_TEST_S3_ENDPOINT"
 [ -x /usr/bin/chromium ] || apt_install chromium
 
 # --- The suite --------------------------------------------------------------------------------
+"$VENV_BIN/ruff" check --quiet api core db worker cli tests bench migrations examples || exit 1
 mkdir -p test-output
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$VENV_BIN/pytest" -p no:cacheprovider "$@"

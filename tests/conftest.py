@@ -39,7 +39,6 @@ def pg_url():
 
 @pytest.fixture(scope="session")
 def redis_url():
-    import redis
 
     url = _required_env("LORAJOBS_TEST_REDIS_URL")
     return url

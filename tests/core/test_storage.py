@@ -6,7 +6,6 @@ import os
 import time
 import tracemalloc
 import uuid
-from pathlib import Path
 
 import boto3
 import httpx
