@@ -6,6 +6,7 @@ import pytest
 
 from core.settings import get_settings
 from db.models import File, Job
+from db.repositories import files as files_repo
 from db.repositories import jobs as jobs_repo
 from db.repositories.projects import get_project_by_name
 from db.session import transaction
@@ -78,3 +79,38 @@ def test_a_user_fixable_error_fails_at_once_with_what_to_change(openai_client):
     assert "max_seq_length" in done.error.message and done.error.code
     assert done.model_extra["attempts"] == 1
     assert not [e for e in all_events(openai_client, job.id) if "retrying" in e.message]
+
+
+def test_a_job_on_a_file_still_being_validated_waits_then_queues_or_fails(quiet_broker):
+    from api.schemas_jobs import JobCreate
+    from api.services import jobs as jobs_service
+    from db import lifecycle
+
+    settings = quiet_broker
+    key = make_project_key(settings)
+    with transaction(settings.database_url) as session:
+        project = get_project_by_name(session, key.project)
+        files = []
+        for n in range(2):
+            row = File(id=f"file-wait{n}{time.time_ns()}", project_id=project.id, filename="t.jsonl",
+                       purpose="fine-tune", bytes=1, sha256="0" * 64, storage_key="x", status="uploaded",
+                       created_at=time.time())
+            session.add(row)
+            files.append(row.id)
+        session.flush()
+        waiting = [jobs_service.create(session, settings, project,
+                                       JobCreate(model=TINY_MODEL_ID, training_file=file_id, quantization="none"))
+                   for file_id in files]
+        assert [job.status for job in waiting] == ["validating_files", "validating_files"]
+        job_ids = [job.id for job in waiting]
+
+    with transaction(settings.database_url) as session:
+        for file_id, status in zip(files, ("processed", "error")):
+            row = files_repo.get_any(session, file_id)
+            row.status, row.report = status, {"examples": 24}
+            row.status_details = None if status == "processed" else "line 3: invalid_json"
+            lifecycle.promote_waiting_jobs(session, settings, row)
+    queued, failed = (job_row(settings, job_id) for job_id in job_ids)
+    assert queued.status == "queued" and queued.hyperparameters["n_epochs"] >= 1
+    assert failed.status == "failed" and failed.error["code"] == "invalid_file"
+    assert failed.error["param"] == "training_file" and "invalid_json" in failed.error["message"]
