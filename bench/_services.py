@@ -39,6 +39,12 @@ def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

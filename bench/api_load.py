@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench._services import free_port, fresh_postgres_database, start_process, wait_http
+from bench._services import free_port, fresh_postgres_database, start_process, stop_processes, wait_http
 
 BARE_APP = '''
 from fastapi import FastAPI
@@ -154,9 +154,7 @@ def main() -> None:
         print(f"\ndispatch create -> running on an idle worker ({len(samples)} runs): "
               f"p50 {statistics.median(samples) * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms")
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop_processes(procs)
         drop()
 
 

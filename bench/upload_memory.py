@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench._services import free_port, fresh_postgres_database, start_process, wait_http
+from bench._services import free_port, fresh_postgres_database, start_process, stop_processes, wait_http
 
 NAIVE_APP = '''
 import hashlib
@@ -125,9 +125,7 @@ def main() -> None:
         print(f"\nmemory growth: lorajobs {ours:.0f} MB vs naive {naive:.0f} MB "
               f"({naive / max(ours, 1):.1f}x less)")
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop_processes(procs)
         drop()
         stop_s3()
 

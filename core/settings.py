@@ -74,10 +74,6 @@ class Settings(BaseSettings):
         """Folder of Celery's filesystem transport (embedded default)."""
         return self.data_dir / "broker"
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
 
 @lru_cache
 def get_settings() -> Settings:

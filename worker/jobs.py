@@ -245,8 +245,9 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
         log.warning("lease lost during training; another worker owns the job now", extra={"job_id": job.id})
         return
     if result.status == "cancelled":
-        _settle(settings, job, owner, status="cancelled", message=f"Job cancelled at step {result.steps}; its "
-                "checkpoints stay downloadable", trained_tokens=result.trained_tokens)
+        with transaction(settings.database_url) as session:
+            _settle_in(session, job, owner, status="cancelled", trained_tokens=result.trained_tokens,
+                       message=f"Job cancelled at step {result.steps}; its checkpoints stay downloadable")
         return
     archives = run.store_archives(Path(result.adapter_dir), f"{job_prefix(job.project_id, job.id)}/adapter")
     with transaction(settings.database_url) as session:
@@ -262,11 +263,6 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
                    adapter_sha256=archives["tar.gz"]["sha256"], result_files=[results_file.id],
                    baseline_eval_loss=(data.get("baseline_eval") or {}).get("loss"),
                    final_eval_loss=(data.get("final_eval") or {}).get("loss"))
-
-
-def _settle(settings: Settings, job: ClaimedJob, owner: str, **values) -> None:
-    with transaction(settings.database_url) as session:
-        _settle_in(session, job, owner, **values)
 
 
 def _settle_in(session, job: ClaimedJob, owner: str, *, status: str, message: str, level: str = "info",

@@ -36,7 +36,7 @@ OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _param_from_loc(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
+    return ".".join(str(part) for part in loc)
 
 
 def build_spec(body: JobCreate) -> JobSpec:

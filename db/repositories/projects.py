@@ -30,10 +30,6 @@ def get_project_by_active_key_hash(session: Session, key_hash: str) -> Project |
     return session.scalar(stmt)
 
 
-def get_key(session: Session, key_id: str) -> ApiKey | None:
-    return session.scalar(select(ApiKey).where(ApiKey.id == key_id))
-
-
 def list_keys(session: Session, project_id: str | None = None) -> list[tuple[ApiKey, Project]]:
     stmt = select(ApiKey, Project).join(Project, Project.id == ApiKey.project_id).order_by(ApiKey.seq)
     if project_id:

@@ -18,10 +18,6 @@ class TokenizedData:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
 
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(row["input_ids"]) for row in self.rows)
-
 
 def read_examples(path: Path) -> list[Example]:
     """Load data: every non-blank JSONL line as a normalised Example (validation has already accepted the file)."""
