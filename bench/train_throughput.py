@@ -100,7 +100,7 @@ def run_common(args) -> dict:
     rows = tokenize_all(read_examples(args.workdir / "train.jsonl"), tokenizer, spec.max_seq_length, False).rows
     model = AutoModelForCausalLM.from_pretrained(model_source(args.models_dir, spec.model), dtype=torch.float32)
     torch.manual_seed(0)
-    model = get_peft_model(model, to_lora_config(spec, model.config.model_type))
+    model = get_peft_model(model, to_lora_config(spec, model.config.to_dict()))
     collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=spec.max_seq_length,
                                       label_pad_token_id=-100, return_tensors="pt")
     trainer = Trainer(model=model, args=_trainer_args(spec, args, remove_unused_columns=False), train_dataset=rows,
@@ -136,7 +136,7 @@ def run_trl(args) -> dict:
                        max_length=spec.max_seq_length, use_cpu=True)
     torch.manual_seed(0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=to_lora_config(spec, model.config.model_type))
+                         peft_config=to_lora_config(spec, model.config.to_dict()))
     real = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * spec.n_epochs
     start = time.monotonic()
     trainer.train()

@@ -53,7 +53,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_queues=[Queue(CPU_QUEUE), Queue(GPU_QUEUE)],
         task_default_queue=CPU_QUEUE,
-        task_routes={TRAIN_JOB: {"queue": GPU_QUEUE}, MERGE_JOB: {"queue": GPU_QUEUE}, VALIDATE_FILE: {"queue": CPU_QUEUE},
+        # Merging needs memory for one 16-bit copy of the base, not a GPU's time: it runs on the CPU queue.
+        task_routes={TRAIN_JOB: {"queue": GPU_QUEUE}, MERGE_JOB: {"queue": CPU_QUEUE}, VALIDATE_FILE: {"queue": CPU_QUEUE},
                      SWEEP: {"queue": CPU_QUEUE}, PING: {"queue": CPU_QUEUE}},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

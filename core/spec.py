@@ -89,6 +89,14 @@ class DataSection(BaseModel):
     train_on_inputs: bool = Field(
         False, description="Also train on system/user/prompt tokens; by default only assistant/completion tokens carry loss."
     )
+    chat_template: Literal["auto", "model", "plain", "chatml"] = Field(
+        "auto",
+        description=(
+            "How chat examples become text: `model` (the model's own template), `plain` (role markers with the "
+            "tokenizer's BOS/EOS), `chatml` (needs `<|im_start|>`/`<|im_end|>` tokens); `auto` is `model` where the "
+            "model has a template, else `plain`. The template used is saved with the adapter."
+        ),
+    )
     validation_fraction: float = Field(
         0.1, ge=0.0, le=0.5, description="Share of the training file held out for validation when no validation file is given."
     )

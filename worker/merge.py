@@ -7,6 +7,7 @@ from pathlib import Path
 
 from core.archives import MERGED_FORMAT, make_archive, unpack_archive
 from core.settings import get_settings
+from core.spec import JobSpec
 from core.storage import get_storage
 from db.repositories import jobs as repo
 from db.session import transaction
@@ -33,12 +34,15 @@ def merge_job(job_id: str) -> None:
         if job is None or merged.get("status") != "pending":
             return
         adapter_key, project_id = job.artifacts["tar.gz"]["key"], job.project_id
+        # QLoRA: the merge that scored better on held-out data when the job finished (worker/training/pipeline.py).
+        served = (job.result or {}).get("served_eval") or {}
+        dequantized = JobSpec.model_validate(job.spec) if served.get("merge_base") == "dequantized_4bit" else None
     try:
         with tempfile.TemporaryDirectory(prefix=f"lorajobs-merge-{job_id}-") as tmp:
             work = Path(tmp)
             storage.download_to(adapter_key, work / "adapter.tar.gz")
             adapter = unpack_archive(work / "adapter.tar.gz", work / "adapter")
-            merge_adapter(adapter, work / "merged", settings.models_dir)
+            merge_adapter(adapter, work / "merged", settings.models_dir, dequantized=dequantized)
             archive = make_archive(work / "merged", work / f"merged.{MERGED_FORMAT}", MERGED_FORMAT)
             stored = storage.put_file(f"{job_prefix(project_id, job_id)}/merged.{MERGED_FORMAT}", archive)
         _set_merged(settings.database_url, job_id, {"status": "ready", "key": stored.key, "sha256": stored.sha256,

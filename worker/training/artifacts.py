@@ -28,6 +28,9 @@ class TrainingResult:
     n_valid_examples: int
     truncated_examples: int
     data_sha256: dict
+    parameters: dict = field(default_factory=dict)  # trainable_parameters, total_parameters, trainable_percent
+    served_eval: dict | None = None  # QLoRA: the adapter on the full-precision base and both merges (pipeline)
+    chat_template: str = "model"  # the template the adapter was trained with (saved beside it)
     library_versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -71,6 +74,35 @@ def write_training_log(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+SERVED_LABELS = {
+    "adapter_on_full_precision_base": "adapter on the full-precision base (as vLLM, TGI or PEFT serve it)",
+    "merged_full_precision": "merged into the full-precision base",
+    "merged_dequantized_4bit": "merged into the dequantized 4-bit base",
+}
+
+
+def eval_rows(result: "TrainingResult") -> list[tuple[str, dict | None]]:
+    """The evaluations a model card shows, labelled; QLoRA adds where the adapter is served and both merges."""
+    trained_on = "with adapter (on the 4-bit base it was trained on)" if result.served_eval else "with adapter"
+    rows = [("base model", result.baseline_eval), (trained_on, result.final_eval)]
+    rows += [(label, (result.served_eval or {}).get(key)) for key, label in SERVED_LABELS.items()]
+    return rows
+
+
+def parameter_lines(parameters: dict) -> list[str]:
+    if not parameters:
+        return []
+    return [f"- trainable: {parameters['trainable_parameters']:,} of {parameters['total_parameters']:,} "
+            f"({parameters['trainable_percent']:.4f} %)"]
+
+
+def served_lines(served: dict | None) -> list[str]:
+    if not served:
+        return []
+    base = "the dequantized 4-bit base" if served["merge_base"] == "dequantized_4bit" else "the full-precision base"
+    return [f"The merged export folds the adapter into {base}: it scores better of the two merges.", ""]
+
+
 def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult) -> None:
     """The adapter's README.md: base model, data checksums, spec, metrics and library versions."""
     base = spec_json["model"]
@@ -92,15 +124,19 @@ def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult)
         f"- training examples: {result.n_train_examples}, validation examples: {result.n_valid_examples}, "
         f"dropped: {result.dropped_examples['count']}, truncated: {result.truncated_examples}",
         "",
+        "## Parameters",
+        "",
+        *parameter_lines(result.parameters),
+        "",
+        f"Chat template: `{result.chat_template}` (saved beside the adapter as `chat_template.jinja`).",
+        "",
         "## Metrics (validation)",
         "",
         "| | loss | token accuracy |",
         "|---|---|---|",
-        *[
-            f"| {label} | {ev['loss']:.4f} | {ev['token_accuracy']:.4f} |"
-            for label, ev in (("base model", result.baseline_eval), ("with adapter", result.final_eval)) if ev
-        ],
+        *[f"| {label} | {ev['loss']:.4f} | {ev['token_accuracy']:.4f} |" for label, ev in eval_rows(result) if ev],
         "",
+        *served_lines(result.served_eval),
         "## Spec",
         "",
         "```json",

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,55 +42,146 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+class TemplateMismatch(ValueError):
+    """The chat template does not render an assistant turn's content verbatim, so its tokens cannot be found."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """An example as the exact text inference sees, and the character spans that carry loss."""
+
+    text: str
+    trained: list[tuple[int, int]]
+    add_special_tokens: bool  # True for plain text (BOS where the tokenizer adds one); chat templates write their own
+    append_eos: bool  # the template closes the final trained turn with no end-of-turn token: EOS is appended
+
+
 def _messages(turns) -> list[dict]:
     return [{"role": t.role, "content": t.content} for t in turns]
 
 
-def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
-    """Format: the example as text segments in the model's own chat template, each marked trained or not.
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """The system prompt moved into the first user turn, for templates that refuse a system role (Gemma's)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    for message in rest:
+        if message["role"] == "user":
+            message["content"] = f"{system}\n\n{message['content']}"
+            break
+    return rest
 
-    A chat is rendered prefix by prefix, so each turn's text is exactly what the template adds for it;
-    an assistant turn splits into its header (not trained) and its body (trained when the turn is).
+
+def render_chat(messages: list[dict], tokenizer, **kwargs) -> str:
+    """The conversation in the tokenizer's chat template; a refused system role is folded into the first user turn."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError:
+        if not any(m["role"] == "system" for m in messages):
+            raise
+        return tokenizer.apply_chat_template(_fold_system(messages), tokenize=False, **kwargs)
+
+
+_TAG_OR_SPACE = re.compile(r"(\s+|<[^<>\s]{1,40}>)")
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[int, int] | None:
+    """Where `content` lies in `text` at or after `start`: verbatim, stripped, or with re-spaced tags.
+
+    Templates strip contents (Llama-2) or re-space reasoning tags (Qwen3 writes `<think>\n...\n</think>\n\n`).
+    """
+    for candidate in (content, content.strip()):
+        if candidate:
+            at = text.find(candidate, start)
+            if at >= 0:
+                return at, at + len(candidate)
+    chunks = [c for c in _TAG_OR_SPACE.split(content) if c and not c.isspace()]
+    if not chunks:
+        return None
+    match = re.compile(r"\s*".join(re.escape(c) for c in chunks)).search(text, start)
+    return (match.start(), match.end()) if match else None
+
+
+def end_of_turn_tokens(tokenizer) -> tuple[str, ...]:
+    """Token strings that end an assistant turn: EOS, the generation config's EOS ids, and the template's own.
+
+    The template's own is found by rendering a probe answer and reading the special token written right after it.
+    """
+    cached = getattr(tokenizer, "lorajobs_end_of_turn", None)
+    if cached is not None:
+        return cached
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)}
+    ids = [tokenizer.eos_token_id, *getattr(tokenizer, "lorajobs_generation_eos_ids", ())]
+    found = [tok for tok in tokenizer.convert_ids_to_tokens([i for i in ids if i is not None]) if tok in special]
+    if tokenizer.chat_template:
+        probe = "lorajobs-probe-answer"
+        try:
+            text = render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}], tokenizer)
+        except Exception:  # a template that refuses this probe still gets EOS and the generation config's ids
+            text = ""
+        after = text[text.find(probe) + len(probe):].lstrip(" ") if probe in text else ""
+        found += [tok for tok in sorted(special, key=len, reverse=True) if tok and after.startswith(tok)][:1]
+    tokenizer.lorajobs_end_of_turn = tuple(dict.fromkeys(found))
+    return tokenizer.lorajobs_end_of_turn
+
+
+def render_example(example: Example, tokenizer) -> Rendered:
+    """Format: the example rendered once, exactly as inference renders it, with the trained character spans.
+
+    A trained span is an assistant turn's content plus the end-of-turn token the template writes after it
+    (whitespace between them included); text examples are trained whole.
     """
     if example.kind == "text":
-        return [(example.text, True)]
-    segments: list[tuple[str, bool]] = []
-    rendered = ""
-    for k, turn in enumerate(example.turns):
-        if turn.role == "assistant":
-            with_header = tokenizer.apply_chat_template(
-                _messages(example.turns[:k]), tokenize=False, add_generation_prompt=True
-            )
-            segments.append((with_header[len(rendered):], False))
-            rendered = with_header
-        full = tokenizer.apply_chat_template(_messages(example.turns[: k + 1]), tokenize=False)
-        if not full.startswith(rendered):
-            raise ValueError("the chat template renders a conversation's prefix differently from the conversation")
-        segments.append((full[len(rendered):], turn.trained))
-        rendered = full
-    return segments
-
-
-def _segment_ids(text: str, trained: bool, tokenizer) -> tuple[list[int], list[int]]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not trained:
-        return ids, [IGNORE_INDEX] * len(ids)
-    eos = tokenizer.eos_token_id
-    if eos not in ids:
-        ids = ids + [eos]  # the model must learn to stop; some tokenizers (SmolLM2's) never add EOS
-    end = ids.index(eos) + 1
-    # Tokens after the turn's EOS (the template's newline) are never generated, so they carry no loss.
-    return ids, ids[:end] + [IGNORE_INDEX] * (len(ids) - end)
+        return Rendered(example.text, [(0, len(example.text))], add_special_tokens=True, append_eos=True)
+    text = render_chat(_messages(example.turns), tokenizer)
+    end_tokens = end_of_turn_tokens(tokenizer)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    append_eos = False
+    assistant_turns = [t for t in example.turns if t.role == "assistant"]
+    for k, turn in enumerate(assistant_turns):
+        found = _find_content(text, turn.content, cursor)
+        if found is None:
+            if turn.trained:
+                raise TemplateMismatch(f"the chat template does not render assistant turn {k + 1}'s content verbatim")
+            continue  # context the template rewrote (Qwen3 drops earlier reasoning): nothing to train there
+        start, end = found
+        cursor = end
+        gap = len(text[end:]) - len(text[end:].lstrip(" \t\n"))
+        closing = next((tok for tok in end_tokens if text.startswith(tok, end + gap)), None)
+        if closing is not None:
+            end = cursor = end + gap + len(closing)
+        elif k == len(assistant_turns) - 1 and not text[end:].strip():
+            text, append_eos = text[:end], turn.trained  # trailing whitespace is never generated; EOS ends the turn
+        if turn.trained:
+            spans.append((start, end))
+    return Rendered(text, spans, add_special_tokens=False, append_eos=append_eos)
 
 
 def tokenize_example(example: Example, tokenizer, max_seq_length: int, train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    """Tokenize: input ids and labels (-100 where not trained), truncated to `max_seq_length`."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, trained in format_example(example, tokenizer):
-        ids, seg_labels = _segment_ids(text, trained, tokenizer)
-        input_ids += ids
-        labels += ids if train_on_inputs else seg_labels
+    """Tokenize: the rendered text tokenized once; a token is trained when its characters touch a trained span.
+
+    Truncated to `max_seq_length`; labels are -100 where not trained.
+    """
+    rendered = render_example(example, tokenizer)
+    encoded = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    spans = iter(rendered.trained)
+    span = next(spans, None)
+    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+        while span is not None and span[1] <= start:
+            span = next(spans, None)
+        if span is not None and start < end and start < span[1] and end > span[0]:
+            labels[i] = input_ids[i]
+    eos = tokenizer.eos_token_id
+    if rendered.append_eos and eos is not None and (not input_ids or input_ids[-1] != eos):
+        input_ids.append(eos)
+        labels.append(eos)
+    if train_on_inputs:
+        labels = list(input_ids)
     return input_ids[:max_seq_length], labels[:max_seq_length]
 
 

@@ -17,6 +17,7 @@ class TrainingHooks:
     on_checkpoint: Callable[[int, Path, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    on_parameters: Callable[[dict], None] | None = None  # trainable/total counts, once the adapter is attached
 
     def event(self, level: str, message: str) -> None:
         if self.on_event:

@@ -3,23 +3,13 @@
 import json
 from pathlib import Path
 
-from core.errors import LorajobsError
+from core.architectures import resolve_targets
+from core.errors import InvalidRequest, LorajobsError
 from core.spec import JobSpec
+from core.templates import BUILT_IN, CHATML_TOKENS, built_in_template, resolve_choice
 from worker.catalogue import model_source
 
-# Attention projections per architecture (DESIGN.md: Falcon's attention is one fused layer).
-ATTENTION_MODULES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "falcon": ["query_key_value", "dense"],
-}
-QUERY_VALUE_MODULES = {"falcon": ["query_key_value"]}
+GRADIENT_CHECKPOINTING = {"use_reentrant": False}
 
 
 class QuantizedLayoutError(LorajobsError):
@@ -30,29 +20,21 @@ class QuantizedLayoutError(LorajobsError):
     code = "quantized_layout"
 
 
-def target_modules(spec: JobSpec, model_type: str) -> list[str] | str:
-    """The module names (or peft's `all-linear`) the spec's target_modules means for `model_type`."""
-    preset = spec.lora.target_modules
-    if isinstance(preset, list):
-        return preset
-    if preset == "all-linear":
-        return "all-linear"
-    attention = ATTENTION_MODULES.get(model_type, ATTENTION_MODULES["llama"])
-    if preset == "attention":
-        return attention
-    return QUERY_VALUE_MODULES.get(model_type, ["q_proj", "v_proj"])
+def to_lora_config(spec: JobSpec, model_config: dict):
+    """The spec's adapter as a `peft.LoraConfig` for a model's config (no modules_to_save: vLLM cannot load them).
 
-
-def to_lora_config(spec: JobSpec, model_type: str):
-    """The spec's adapter as a `peft.LoraConfig` (no modules_to_save: vLLM cannot load them)."""
+    Target modules come from the per-architecture registry (core/architectures.py); an architecture missing there
+    gets peft's own default for it.
+    """
     from peft import LoraConfig
 
+    targets = resolve_targets(model_config, spec.lora.target_modules)
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=spec.lora.r,
         lora_alpha=spec.lora.effective_alpha,
         lora_dropout=spec.lora.dropout,
-        target_modules=target_modules(spec, model_type),
+        target_modules=targets.modules,
         use_rslora=spec.lora.use_rslora,
         use_dora=spec.lora.use_dora,
         bias="none",
@@ -99,13 +81,40 @@ def to_bnb_config(spec: JobSpec, device: str):
     )
 
 
-def load_tokenizer(model_id: str, models_dir: Path):
-    """The base model's tokenizer, with a pad token (its EOS when it has none)."""
+def _generation_eos_ids(source: str) -> tuple[int, ...]:
+    """The EOS ids of the model's generation config (Llama-3, Qwen2, Phi-3 and Gemma list their end-of-turn there)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except (OSError, ValueError):
+        return ()
+    return tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+
+
+def load_tokenizer(model_id: str, models_dir: Path, chat_template: str = "auto"):
+    """The base model's tokenizer with the job's chat template set and a pad token (its EOS when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_source(models_dir, model_id))
+    source = model_source(models_dir, model_id)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not tokenizer.is_fast:
+        raise InvalidRequest(f"The model '{model_id}' has no fast tokenizer (tokenizer.json); labels need its "
+                             "character offsets.", param="model", code="unsupported_tokenizer")
+    choice = resolve_choice(chat_template, bool(tokenizer.chat_template))
+    if choice == "model" and not tokenizer.chat_template:
+        raise InvalidRequest(f"The model '{model_id}' has no chat template; use chat_template 'plain' or 'chatml'.",
+                             param="chat_template", code="no_chat_template")
+    if choice == "chatml" and not all(t in tokenizer.get_vocab() for t in CHATML_TOKENS):
+        raise InvalidRequest(f"The model '{model_id}' has no <|im_start|>/<|im_end|> tokens for chat_template "
+                             "'chatml'; use 'plain'.", param="chat_template", code="no_chat_template")
+    if choice in BUILT_IN:
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        tokenizer.chat_template = built_in_template(choice, bos_token=tokenizer.bos_token if adds_bos else None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.lorajobs_generation_eos_ids = _generation_eos_ids(source)
+    tokenizer.lorajobs_chat_template = choice
     return tokenizer
 
 
@@ -153,8 +162,12 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str):
 
         pin_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING
         )
+    elif device == "cuda":
+        # A bf16 7B with plain LoRA fits a 24 GB card at the default length only with recomputed activations.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointed blocks
     return model
 
 
@@ -162,7 +175,13 @@ def attach_adapter(model, spec: JobSpec):
     """Attach adapter: a fresh LoRA adapter on the frozen base."""
     from peft import get_peft_model
 
-    return get_peft_model(model, to_lora_config(spec, model.config.model_type))
+    try:
+        return get_peft_model(model, to_lora_config(spec, model.config.to_dict()))
+    except ValueError as exc:  # peft found none of the named layers: the user's to fix, not a retry
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if type(module).__name__ in ("Linear", "Linear4bit", "Conv1D")} - {"lm_head"})
+        raise InvalidRequest(f"{exc} This model's linear layers: {', '.join(linear)}.",
+                             param="lora.target_modules", code="invalid_target_modules") from None
 
 
 def name_base_model(adapter_dir: Path, model_id: str) -> None:
@@ -177,21 +196,50 @@ def name_base_model(adapter_dir: Path, model_id: str) -> None:
 
 
 def load_adapter_model(adapter_dir: Path, models_dir: Path):
-    """A full-precision base from the catalogue with the saved adapter on it, for inference or merging."""
-    import torch
+    """The base from the catalogue in its own dtype (bf16 stays bf16) with the saved adapter on it, for inference or merging.
+
+    Never a 4-bit base: merging into one destroys the adapter's effect (DESIGN.md).
+    """
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
     base_id = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(model_source(models_dir, base_id), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_source(models_dir, base_id), dtype="auto")
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
-def merge_adapter(adapter_dir: Path, out_dir: Path, models_dir: Path) -> Path:
-    """Merge the adapter into its full-precision base (never a 4-bit one) and save a normal HF model folder."""
+def adapter_tokenizer(adapter_dir: Path, models_dir: Path):
+    """The tokenizer saved with the adapter (it carries the chat template used in training), else the base's."""
     from peft import PeftConfig
+    from transformers import AutoTokenizer
 
-    model = load_adapter_model(Path(adapter_dir), models_dir).merge_and_unload()
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(adapter_dir)
+    return load_tokenizer(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path, models_dir)
+
+
+def load_dequantized_base(spec: JobSpec, models_dir: Path, device: str):
+    """The base quantized to 4 bits as in training, then dequantized to 16 bit: the weights the adapter learned on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_source(models_dir, spec.model), quantization_config=to_bnb_config(spec, device),
+        dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        device_map={"": 0} if device == "cuda" else {"": "cpu"})
+    return model.dequantize()
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path, models_dir: Path, *, dequantized: JobSpec | None = None) -> Path:
+    """Merge the adapter into its full-precision base, or into the dequantized 4-bit base of `dequantized`'s spec
+    (never into a 4-bit one), and save a normal HF model folder."""
+    from peft import PeftModel
+
+    if dequantized is not None:
+        base = load_dequantized_base(dequantized, models_dir, pick_device())
+        model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    else:
+        model = load_adapter_model(Path(adapter_dir), models_dir).merge_and_unload()
     model.save_pretrained(out_dir)
-    load_tokenizer(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path, models_dir).save_pretrained(out_dir)
+    adapter_tokenizer(Path(adapter_dir), models_dir).save_pretrained(out_dir)
     return Path(out_dir)

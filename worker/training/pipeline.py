@@ -23,7 +23,9 @@ from worker.training.hooks import TrainingHooks
 from worker.training.model import (
     attach_adapter,
     check_4bit_layout,
+    load_adapter_model,
     load_base_model,
+    load_dequantized_base,
     load_tokenizer,
     name_base_model,
     pick_device,
@@ -119,12 +121,55 @@ def evaluate_baseline_and_final(model, evaluate) -> tuple[dict | None, dict | No
     return baseline, evaluate(model)
 
 
-def save_adapter(model, out_dir: Path, model_id: str) -> Path:
-    """Save: the final adapter as a standard PEFT folder naming its catalogue base."""
+def save_adapter(model, tokenizer, out_dir: Path, model_id: str) -> Path:
+    """Save: the final adapter as a standard PEFT folder naming its catalogue base, with the tokenizer and the
+    chat template it was trained with (a serving stack then formats prompts the same way)."""
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
     name_base_model(adapter_dir, model_id)
     return adapter_dir
+
+
+def parameter_counts(model) -> dict:
+    """Trainable and total parameters as PEFT counts them (the total includes the adapter)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_parameters": trainable, "total_parameters": total,
+            "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0}
+
+
+def _release() -> None:
+    """Give memory back after the caller dropped its references (a 7B base must leave before the next loads)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_served(spec: JobSpec, adapter_dir: Path, models_dir: Path, device: str, evaluate) -> dict:
+    """What a QLoRA adapter scores where it is served, and which merge to export.
+
+    The adapter was trained on the 4-bit base but is served on the full-precision one (vLLM, TGI, PEFT) or merged.
+    Both merges are scored: into the full-precision base, and into the 4-bit base dequantized to 16 bit (which
+    keeps the rounding the adapter learned to correct). The merged export uses the better one.
+    """
+    from peft import PeftModel
+
+    served = load_adapter_model(adapter_dir, models_dir).to(device)
+    on_full_precision = evaluate(served)
+    merged_full = evaluate(served.merge_and_unload())
+    del served
+    _release()
+    dequantized = load_dequantized_base(spec, models_dir, device)
+    merged_dequantized = evaluate(PeftModel.from_pretrained(dequantized, adapter_dir).merge_and_unload())
+    del dequantized
+    _release()
+    best = "dequantized_4bit" if merged_dequantized["loss"] < merged_full["loss"] else "full_precision"
+    return {"adapter_on_full_precision_base": on_full_precision, "merged_full_precision": merged_full,
+            "merged_dequantized_4bit": merged_dequantized, "merge_base": best}
 
 
 def _dropped(train_data: TokenizedData, valid_data: TokenizedData) -> dict:
@@ -151,7 +196,7 @@ def train(
     hooks = hooks or TrainingHooks()
     out_dir = Path(out_dir)
     device = pick_device()
-    tokenizer = load_tokenizer(spec.model, models_dir)
+    tokenizer = load_tokenizer(spec.model, models_dir, spec.chat_template)
     train_examples, valid_examples = load_data(spec, Path(train_path), Path(valid_path) if valid_path else None)
     train_data, valid_data = tokenize_data(spec, tokenizer, train_examples, valid_examples)
     dropped = _dropped(train_data, valid_data)
@@ -162,30 +207,41 @@ def train(
 
     set_seed(spec.seed)  # the adapter's initial weights
     model = attach_adapter(load_base_model(spec, models_dir, device), spec)
+    parameters = parameter_counts(model)
+    if hooks.on_parameters:
+        hooks.on_parameters(dict(parameters))
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback)
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size}.")
     run_training(trainer, spec, resume_from)
+    state = trainer.state
 
     status = "cancelled" if callback.cancelled else "succeeded"
     baseline, final = (None, None) if callback.cancelled else evaluate_baseline_and_final(model, evaluate)
     if final is not None:
-        metrics = {"step": trainer.state.global_step, "valid_loss": final["loss"], "valid_mean_token_accuracy": final["token_accuracy"]}
-        trainer.state.log_history.append(metrics)
+        metrics = {"step": state.global_step, "valid_loss": final["loss"], "valid_mean_token_accuracy": final["token_accuracy"]}
+        state.log_history.append(metrics)
         if hooks.on_metrics:
             hooks.on_metrics(dict(metrics))
-    adapter_dir = save_adapter(model, out_dir, spec.model)
-    write_training_log(out_dir / "training_log.csv", log_rows(trainer.state.log_history))
+    adapter_dir = save_adapter(model, tokenizer, out_dir, spec.model)
+    write_training_log(out_dir / "training_log.csv", log_rows(state.log_history))
+    served = None
+    if final is not None and spec.quantization != "none":
+        del trainer, model, callback
+        _release()
+        hooks.event("info", "Scoring the adapter as it is served: on the full-precision base, and both merges.")
+        served = evaluate_served(spec, adapter_dir, models_dir, device, evaluate)
+
     sha = {"training_file": sha256_file(Path(train_path))}
     if valid_path:
         sha["validation_file"] = sha256_file(Path(valid_path))
     result = TrainingResult(
         adapter_dir=adapter_dir,
         status=status,
-        trained_tokens=trainer.state.num_input_tokens_seen,
-        steps=trainer.state.global_step,
-        total_steps=trainer.state.max_steps,
+        trained_tokens=state.num_input_tokens_seen,
+        steps=state.global_step,
+        total_steps=state.max_steps,
         hyperparameters=hp.model_dump(),
         baseline_eval=baseline,
         final_eval=final,
@@ -194,6 +250,9 @@ def train(
         n_valid_examples=len(valid_data.rows),
         truncated_examples=train_data.truncated,
         data_sha256=sha,
+        parameters=parameters,
+        served_eval=served,
+        chat_template=tokenizer.lorajobs_chat_template,
         library_versions=library_versions(),
     )
     write_model_card(adapter_dir, spec.model_dump(mode="json"), result)

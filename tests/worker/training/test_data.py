@@ -9,9 +9,9 @@ from tests.worker.conftest import TINY, write_jsonl
 from worker.training import tokenize_example
 from worker.training.data import (
     IGNORE_INDEX,
-    format_example,
     make_collator,
     read_examples,
+    render_example,
     split_validation,
     tokenize_all,
 )
@@ -52,17 +52,21 @@ def test_validation_split_is_seeded_and_disjoint():
     assert split_validation(examples, 0.0, seed=3) == (examples, [])
 
 
-def test_format_uses_the_models_chat_template_and_marks_only_trained_bodies(tokenizer):
-    segments = format_example(CHAT, tokenizer)
-    assert "".join(text for text, _ in segments) == tokenizer.apply_chat_template(
-        [{"role": t.role, "content": t.content} for t in CHAT.turns], tokenize=False
-    )
-    assert [text for text, trained in segments if trained] == ["It is paid in 5 days.<|im_end|>\n"]
+def messages(example: Example) -> list[dict]:
+    return [{"role": t.role, "content": t.content} for t in example.turns]
 
 
-def test_labels_train_only_the_assistant_answer_and_its_eos(tokenizer):
+def test_render_is_the_whole_conversation_in_the_models_template_with_trained_spans(tokenizer):
+    rendered = render_example(CHAT, tokenizer)
+    assert rendered.text == tokenizer.apply_chat_template(messages(CHAT), tokenize=False)
+    assert [rendered.text[a:b] for a, b in rendered.trained] == ["It is paid in 5 days.<|im_end|>"]
+    assert not rendered.append_eos and not rendered.add_special_tokens
+
+
+def test_labels_train_only_the_assistant_answer_and_its_end_of_turn(tokenizer):
     ids, labels = tokenize_example(CHAT, tokenizer, max_seq_length=512, train_on_inputs=False)
     assert len(ids) == len(labels)
+    assert ids == tokenizer.apply_chat_template(messages(CHAT), tokenize=True)["input_ids"]
     assert trained_text(ids, labels, tokenizer) == "It is paid in 5 days.<|im_end|>"
     assert labels[ids.index(tokenizer.eos_token_id)] == IGNORE_INDEX  # the system turn's EOS is context
     assert ids[-1] == tokenizer.convert_tokens_to_ids("Ċ") and labels[-1] == IGNORE_INDEX

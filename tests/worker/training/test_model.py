@@ -20,18 +20,23 @@ from worker.training.model import (
     ("attention", "qwen2", {"q_proj", "k_proj", "v_proj", "o_proj"}),
     ("attention", "gemma", {"q_proj", "k_proj", "v_proj", "o_proj"}),
     ("attention-qv", "falcon", {"query_key_value"}),
+    ("attention-qv", "phi3", {"qkv_proj"}),
+    ("all-linear", "phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+    ("attention-qv", "gpt_neox", {"query_key_value"}),
+    ("attention-qv", "gpt2", {"c_attn"}),
     (["gate_proj", "up_proj"], "llama", {"gate_proj", "up_proj"}),
 ])
 def test_target_module_presets_per_architecture(preset, model_type, modules):
-    config = to_lora_config(tiny_spec(lora={"target_modules": preset}), model_type)
+    config = to_lora_config(tiny_spec(lora={"target_modules": preset}), {"model_type": model_type})
     assert set(config.target_modules) == modules
 
 
 def test_lora_config_carries_the_spec():
     config = to_lora_config(tiny_spec(lora={"r": 4, "dropout": 0.0, "target_modules": "all-linear",
-                                            "use_rslora": True, "use_dora": True}), "llama")
+                                            "use_rslora": True, "use_dora": True}), {"model_type": "llama"})
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.0)
-    assert config.target_modules == "all-linear" and config.use_rslora and config.use_dora
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert config.use_rslora and config.use_dora
     assert config.modules_to_save is None and config.task_type == "CAUSAL_LM"
 
 
@@ -90,6 +95,14 @@ def test_qlora_trains_every_lora_parameter_and_the_guard_passes(models_dir, toke
     check_4bit_layout(model)
 
 
+def _cpu_repacks_4bit_weights() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return has_avx512bf16()
+
+
+@pytest.mark.skipif(not _cpu_repacks_4bit_weights(),
+                    reason="bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16")
 def test_the_guard_fails_loudly_when_an_inference_pass_repacked_4bit_weights(models_dir, tokenizer, rows):
     from transformers import AutoModelForCausalLM
 

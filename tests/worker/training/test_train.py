@@ -22,14 +22,14 @@ class Recorder:
     """Hooks that record every call, and check each checkpoint is complete when it is announced."""
 
     def __init__(self, stop_at_step: int | None = None):
-        self.progress, self.metrics, self.checkpoints, self.events = [], [], [], []
+        self.progress, self.metrics, self.checkpoints, self.events, self.parameters = [], [], [], [], []
         self.stop_at_step = stop_at_step
         self.stop_checks = 0
 
     def hooks(self) -> TrainingHooks:
         return TrainingHooks(on_progress=self.progress.append, on_metrics=self.metrics.append,
                              on_checkpoint=self._checkpoint, on_event=lambda *e: self.events.append(e),
-                             should_stop=self._should_stop)
+                             should_stop=self._should_stop, on_parameters=self.parameters.append)
 
     def _checkpoint(self, step: int, path: Path, metrics: dict) -> None:
         files = {p.name for p in path.iterdir()}
@@ -70,7 +70,9 @@ def test_a_run_writes_a_standard_adapter_named_by_catalogue_id(lora_run, chat_fi
     result, out, _ = lora_run
     assert result.status == "succeeded" and result.steps == result.total_steps == 5
     assert result.adapter_dir == out / "adapter"
-    assert {p.name for p in result.adapter_dir.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert {p.name for p in result.adapter_dir.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "README.md",
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}  # the template it was trained with
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == TINY and config["modules_to_save"] is None
     card = (result.adapter_dir / "README.md").read_text()
@@ -89,6 +91,20 @@ def test_the_result_reports_evaluations_and_hyperparameters_as_json(lora_run):
     assert data["n_train_examples"] == 20 and data["n_valid_examples"] == 6
     assert data["dropped_examples"] == {"count": 0, "reasons": {}} and data["trained_tokens"] > 0
     assert set(data["library_versions"]) >= {"torch", "transformers", "peft"}
+
+
+def test_the_result_reports_the_parameter_counts_peft_reports_for_the_adapter(lora_run, models_dir):
+    result, _, recorder = lora_run
+    reloaded = dict(load_adapter_model(result.adapter_dir, models_dir).named_parameters())
+    trainable = sum(p.numel() for name, p in reloaded.items() if "lora_" in name)
+    total = sum(p.numel() for p in reloaded.values())
+    # r=8 on q_proj (64->64) and v_proj (64->32) in 2 layers: 2 * 8 * ((64 + 64) + (64 + 32)).
+    assert trainable == 2 * 8 * (128 + 96) == result.parameters["trainable_parameters"]
+    assert result.parameters["total_parameters"] == total
+    assert result.parameters["trainable_percent"] == pytest.approx(100 * trainable / total, abs=1e-4)
+    assert recorder.parameters == [result.parameters]  # reported when the adapter is attached, before training
+    card = (result.adapter_dir / "README.md").read_text()
+    assert f"trainable: {trainable:,} of {total:,}" in card and "Chat template: `model`" in card
 
 
 def test_hooks_see_progress_metrics_and_complete_checkpoints(lora_run):
@@ -184,6 +200,19 @@ def test_qlora_end_to_end_evaluates_base_and_adapter_without_the_trap(models_dir
     assert result.status == "succeeded" and result.steps == 5
     assert result.final_eval["loss"] < result.baseline_eval["loss"]
     assert [int(r["step"]) for r in read_log(tmp_path) if r["valid_loss"]] == [2, 4, 5]
+    served = result.served_eval
+    assert set(served) == {"adapter_on_full_precision_base", "merged_full_precision", "merged_dequantized_4bit",
+                           "merge_base"}
+    # Merging into a base is the adapter on that base: the full-precision pair agrees.
+    assert served["merged_full_precision"]["loss"] == pytest.approx(
+        served["adapter_on_full_precision_base"]["loss"], rel=1e-4)
+    # The dequantized 4-bit base is the base the adapter trained on: its merge scores what training measured.
+    assert served["merged_dequantized_4bit"]["loss"] == pytest.approx(result.final_eval["loss"], rel=2e-2)
+    better = min(("full_precision", "merged_full_precision"), ("dequantized_4bit", "merged_dequantized_4bit"),
+                 key=lambda pair: served[pair[1]]["loss"])[0]
+    assert served["merge_base"] == better
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "merged into the dequantized 4-bit base" in card and "adapter on the full-precision base" in card
 
 
 def test_examples_without_a_trained_token_are_dropped_and_counted(models_dir, tmp_path):
