@@ -46,6 +46,7 @@ class ModelObject(BaseModel):
     owned_by: str
     root: str | None = None
     parent: str | None = None
+    provenance: str | None = None  # ours: where a catalogue model's weights came from, when not the hub's checkpoint
 
 
 class ValidationReportResponse(BaseModel):

@@ -58,6 +58,15 @@ class Progress(BaseModel):
     tokens_per_second: float | None = None
 
 
+class ServedEval(BaseModel):
+    """A QLoRA adapter scored as it is served, not only on the 4-bit base it was trained on."""
+
+    adapter_on_full_precision_base_loss: float
+    merged_full_precision_loss: float
+    merged_dequantized_4bit_loss: float
+    merge_base: Literal["full_precision", "dequantized_4bit"]
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -90,6 +99,12 @@ class JobObject(BaseModel):
     baseline_eval_loss: float | None = None
     final_eval_loss: float | None = None
     adapter_sha256: str | None = None
+    trainable_parameters: int | None = Field(None, description="LoRA weights trained, as PEFT counts them")
+    total_parameters: int | None = Field(None, description="All weights of base plus adapter, as PEFT counts them")
+    trainable_percent: float | None = None
+    chat_template: str | None = Field(None, description="The template trained with: model, plain or chatml")
+    served_eval: ServedEval | None = Field(
+        None, description="QLoRA: held-out loss where the adapter is served, of both merges, and which one is exported")
     cancel_requested: bool = False
     attempts: int = 0
 

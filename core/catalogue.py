@@ -13,6 +13,7 @@ from pathlib import Path
 
 from core.errors import InvalidRequest, ModelNotFound
 
+PROVENANCE_FILE = "lorajobs-provenance.json"  # {"provenance": "..."}: where the weights came from, when not the hub's
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -22,15 +23,27 @@ class CatalogueModel:
     path: Path
     architecture: str | None
     created: int
+    provenance: str | None = None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _describe(model_id: str, folder: Path) -> CatalogueModel:
     config_file = folder / "config.json"
-    try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or [None]
-    except (OSError, ValueError):
-        architectures = [None]
-    return CatalogueModel(model_id, folder, architectures[0], int(config_file.stat().st_mtime))
+    architectures = _read_json(config_file).get("architectures") or [None]
+    return CatalogueModel(model_id, folder, architectures[0], int(config_file.stat().st_mtime),
+                          _read_json(folder / PROVENANCE_FILE).get("provenance"))
+
+
+def model_config(model: CatalogueModel) -> dict:
+    """The model's `config.json` as a dict (read, nothing loaded); empty when unreadable."""
+    return _read_json(model.path / "config.json")
 
 
 def list_models(models_dir: Path) -> list[CatalogueModel]:

@@ -84,6 +84,8 @@ class Job(Base):
     baseline_eval_loss: Mapped[float | None] = mapped_column(Double)
     final_eval_loss: Mapped[float | None] = mapped_column(Double)
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    # As PEFT counts them once the adapter is attached: trainable_parameters, total_parameters, trainable_percent.
+    parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Downloadable archives by format: {"tar.gz": {"key", "sha256", "bytes"}, "zip": {...}}.
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

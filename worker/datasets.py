@@ -32,20 +32,32 @@ def token_counter(tokenizer, max_seq_length: int):
     return count
 
 
+def _tracking_lines(examples, where: dict):
+    for line, example in examples:
+        where["line"] = line
+        yield line, example
+
+
 def add_token_stats(report: ValidationReport, settings: Settings, storage: Storage, key: str) -> ValidationReport:
-    """Token statistics for every catalogue model, at the job spec's default max_seq_length."""
+    """Token statistics for every catalogue model, at the job spec's default max_seq_length and chat template.
+
+    Each model counts on its own: one whose tokenizer or template cannot format the data gets a warning in the
+    report, and the others still count.
+    """
     from worker.training import load_tokenizer
 
     max_seq_length = JobSpec.model_fields["max_seq_length"].default
     for model in list_models(settings.models_dir):
+        where: dict = {"line": None}
         try:
             tokenizer = load_tokenizer(model.id, settings.models_dir)
-        except Exception:  # a catalogue entry without a usable tokenizer only loses its statistics
-            log.warning("no tokenizer for %s; token statistics skipped", model.id, exc_info=True)
+            with storage.open(key) as stream:
+                stats = token_statistics(_tracking_lines(iter_examples(stream), where), model=model.id,
+                                         max_seq_length=max_seq_length, count=token_counter(tokenizer, max_seq_length))
+        except Exception as exc:  # this model loses its statistics, with the reason; the file is still usable
+            log.warning("token statistics failed for %s", model.id, exc_info=True)
+            report = report.with_token_stats_failure(model.id, where["line"], f"{type(exc).__name__}: {exc}"[:300])
             continue
-        with storage.open(key) as stream:
-            stats = token_statistics(iter_examples(stream), model=model.id, max_seq_length=max_seq_length,
-                                     count=token_counter(tokenizer, max_seq_length))
         report = report.with_token_stats(stats)
     return report
 

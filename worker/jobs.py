@@ -33,7 +33,9 @@ from db.session import after_commit, transaction
 
 log = logging.getLogger("lorajobs.worker.jobs")
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+# A checkpoint's adapter download: the PEFT files and the tokenizer with the chat template it was trained with.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja")
 PROGRESS_WRITE_INTERVAL = 0.5
 METRICS_COLUMNS = ("step", "train_loss", "learning_rate", "valid_loss", "valid_mean_token_accuracy")
 OOM_ADVICE = ("The job ran out of memory: lower micro_batch_size or max_seq_length, or use quantization 'nf4' "
@@ -135,6 +137,12 @@ class JobRun:
         with self._db() as session:
             repo.update_owned(session, self.job.id, self.owner, **values)
 
+    def on_parameters(self, parameters: dict) -> None:
+        with self._db() as session:
+            repo.update_owned(session, self.job.id, self.owner, parameters=parameters)
+        self._event(f"Training {parameters['trainable_parameters']:,} of {parameters['total_parameters']:,} parameters "
+                    f"({parameters['trainable_percent']:.4f} %)", data=parameters)
+
     def on_metrics(self, metrics: dict) -> None:
         step = metrics.get("step")
         parts = [f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float)]
@@ -234,7 +242,7 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
         storage.download_to(job.checkpoint_key, work / "resume.tar.gz")
         resume_from = unpack_archive(work / "resume.tar.gz", work / f"checkpoint-{job.checkpoint_step}")
     hooks = TrainingHooks(on_progress=run.on_progress, on_metrics=run.on_metrics, on_checkpoint=run.on_checkpoint,
-                          on_event=run.on_event, should_stop=run.should_stop)
+                          on_event=run.on_event, should_stop=run.should_stop, on_parameters=run.on_parameters)
     try:
         result = train(job.spec, train_path, valid_path, work / "out", hooks, models_dir=settings.models_dir,
                        resume_from=resume_from)

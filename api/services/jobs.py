@@ -19,13 +19,16 @@ from api.schemas_jobs import (
     JobObject,
     Method,
     Progress,
+    ServedEval,
     SupervisedMethod,
 )
-from core.catalogue import resolve_model
+from core.architectures import resolve_targets
+from core.catalogue import CatalogueModel, model_config, resolve_model
 from core.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec
+from core.templates import has_chat_template
 from db.models import Checkpoint, File, Job, JobEvent, Project
 from db import lifecycle
 from db.repositories import files as files_repo
@@ -70,6 +73,14 @@ def build_spec(body: JobCreate) -> JobSpec:
         raise InvalidRequest(f"{param}: {message}" if param else message, param=param) from None
 
 
+def check_model_fit(spec: JobSpec, model: CatalogueModel) -> None:
+    """Refuse, before anything queues, adapter layers the model lacks and a chat template it does not have."""
+    resolve_targets(model_config(model), spec.lora.target_modules)
+    if spec.chat_template == "model" and not has_chat_template(model.path):
+        raise InvalidRequest(f"The model '{model.id}' has no chat template; use chat_template 'plain' or 'chatml' "
+                             "(or 'auto').", param="chat_template", code="no_chat_template")
+
+
 def _usable_file(session: Session, project: Project, file_id: str, param: str) -> File:
     row = files_repo.get(session, project.id, file_id)
     if row is None:
@@ -102,9 +113,10 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
             return existing
     spec = build_spec(body)
     try:
-        resolve_model(settings.models_dir, spec.model)
+        model = resolve_model(settings.models_dir, spec.model)
     except ModelNotFound as exc:
         raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
+    check_model_fit(spec, model)
     training = _usable_file(session, project, body.training_file, "training_file")
     validation = _usable_file(session, project, body.validation_file, "validation_file") \
         if body.validation_file else None
@@ -198,8 +210,18 @@ def to_object(job: Job, project: Project) -> JobObject:
         learning_rate=(job.hyperparameters or {}).get("learning_rate") or spec.get("learning_rate"), spec=spec,
         resolved_hyperparameters=job.hyperparameters, progress=progress, baseline_eval_loss=job.baseline_eval_loss,
         final_eval_loss=job.final_eval_loss, adapter_sha256=job.adapter_sha256,
-        cancel_requested=job.cancel_requested, attempts=job.attempts,
+        cancel_requested=job.cancel_requested, attempts=job.attempts, **(job.parameters or {}),
+        chat_template=(job.result or {}).get("chat_template"), served_eval=served_eval(job.result),
     )
+
+
+def served_eval(result: dict | None) -> ServedEval | None:
+    served = (result or {}).get("served_eval")
+    if not served:
+        return None
+    return ServedEval(merge_base=served["merge_base"], **{
+        f"{key}_loss": served[key]["loss"]
+        for key in ("adapter_on_full_precision_base", "merged_full_precision", "merged_dequantized_4bit")})
 
 
 def event_object(event: JobEvent) -> EventObject:

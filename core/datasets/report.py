@@ -71,6 +71,17 @@ class ValidationReport(BaseModel):
         return report
 
 
+    def with_token_stats_failure(self, model: str, line: int | None, message: str) -> "ValidationReport":
+        """A copy that says one catalogue model cannot count this file (its template refuses it); the file stays usable."""
+        report = self.model_copy(deep=True)
+        report.warning_counts["model_cannot_format"] = report.warning_counts.get("model_cannot_format", 0) + 1
+        if len(report.warnings) < LISTED_PROBLEMS:
+            report.warnings.append(Problem(
+                line=line, code="model_cannot_format",
+                message=f"{model}: {message}; jobs on this model need another chat_template (see docs/job-spec.md)"))
+        return report
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 

@@ -54,7 +54,8 @@ def test_upload_train_download_and_load_the_adapter(openai_client, http, trainin
     archive = tmp_path / "adapter.tar.gz"
     archive.write_bytes(httpx.get(redirect.headers["location"]).content)
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                          "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
         tar.extractall(tmp_path / "adapter", filter="data")
     streamed = http.get(f"fine_tuning/jobs/{job.id}/adapter", params={"format": "zip", "redirect": "false"})
     assert streamed.status_code == 200
@@ -79,6 +80,13 @@ def test_upload_train_download_and_load_the_adapter(openai_client, http, trainin
     with torch.no_grad():
         tuned_logits = tuned(**inputs).logits
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    # The job reports what PEFT counts for the adapter it delivered.
+    weights = dict(tuned.named_parameters())
+    trainable = sum(p.numel() for name, p in weights.items() if "lora_" in name)
+    assert done.model_extra["trainable_parameters"] == trainable > 0
+    assert done.model_extra["total_parameters"] == sum(p.numel() for p in weights.values())
+    assert 0 < done.model_extra["trainable_percent"] < 100 and done.model_extra["chat_template"] == "model"
+    assert any(m.startswith(f"Training {trainable:,} of ") for m in messages)
 
     models = {m.id for m in openai_client.models.list()}
     assert {TINY_MODEL_ID, done.fine_tuned_model} <= models
@@ -86,6 +94,26 @@ def test_upload_train_download_and_load_the_adapter(openai_client, http, trainin
     listed = openai_client.fine_tuning.jobs.list(extra_query={"metadata[team]": "support"})
     assert [j.id for j in listed.data] == [job.id]
     assert openai_client.fine_tuning.jobs.list(extra_query={"metadata[team]": "sales"}).data == []
+
+
+@pytest.mark.parametrize(("lora", "chat_template", "param", "says"), [
+    ({"target_modules": ["query_key_value"]}, None, "lora.target_modules", "q_proj, k_proj, v_proj, o_proj"),
+    ({"target_modules": ["q_proj", "lm_head"]}, None, "lora.target_modules", "serving engines"),
+    ({"target_modules": "attention"}, "chatml", None, None),
+])
+def test_target_modules_and_templates_are_checked_against_the_model_before_anything_queues(
+        openai_client, training_file, lora, chat_template, param, says):
+    extra = {"lora": lora} | ({"chat_template": chat_template} if chat_template else {})
+    if param is None:
+        job = create_job(openai_client, training_file, **extra)
+        assert job.model_extra["spec"]["chat_template"] == chat_template
+        openai_client.fine_tuning.jobs.cancel(job.id)
+        return
+    with pytest.raises(openai.BadRequestError) as refused:
+        create_job(openai_client, training_file, **extra)
+    error = refused.value.body
+    assert error["param"] == param and error["code"] == "invalid_target_modules" and says in error["message"]
+    assert openai_client.fine_tuning.jobs.list().data == []  # nothing was created
 
 
 def test_cancel_a_running_job_and_a_queued_one(openai_client, training_file):

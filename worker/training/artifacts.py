@@ -31,6 +31,7 @@ class TrainingResult:
     parameters: dict = field(default_factory=dict)  # trainable_parameters, total_parameters, trainable_percent
     served_eval: dict | None = None  # QLoRA: the adapter on the full-precision base and both merges (pipeline)
     chat_template: str = "model"  # the template the adapter was trained with (saved beside it)
+    base_provenance: str | None = None  # where the base's weights came from, when not the hub's checkpoint
     library_versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -118,6 +119,7 @@ def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult)
         f"Trained by lorajobs ({result.status}, {result.steps} of {result.total_steps} steps, "
         f"{result.trained_tokens} tokens). Load it with `PeftModel.from_pretrained(base, this_folder)`.",
         "",
+        *([f"Base model provenance: {result.base_provenance}", ""] if result.base_provenance else []),
         "## Data",
         "",
         *[f"- {name}: sha256 `{digest}`" for name, digest in result.data_sha256.items()],

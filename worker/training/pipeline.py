@@ -10,6 +10,7 @@ from pathlib import Path
 from core.archives import sha256_file
 from core.errors import InvalidRequest
 from core.spec import JobSpec, ResolvedHyperparameters, resolve_auto
+from worker.catalogue import base_provenance
 from worker.training.artifacts import (
     TrainingResult,
     library_versions,
@@ -253,6 +254,7 @@ def train(
         parameters=parameters,
         served_eval=served,
         chat_template=tokenizer.lorajobs_chat_template,
+        base_provenance=base_provenance(models_dir, spec.model),
         library_versions=library_versions(),
     )
     write_model_card(adapter_dir, spec.model_dump(mode="json"), result)
