@@ -102,6 +102,13 @@ def cmd_watch(args) -> int:
     if job["status"] == "succeeded":
         print(f"succeeded: {job['fine_tuned_model']}  eval loss {job.get('baseline_eval_loss')} -> "
               f"{job.get('final_eval_loss')}")
+        if job.get("trainable_parameters") is not None:
+            print(f"trained {job['trainable_parameters']:,} of {job['total_parameters']:,} parameters "
+                  f"({job['trainable_percent']:.4f} %)")
+        served = job.get("served_eval")
+        if served:
+            print(f"served on the full-precision base: eval loss {served['adapter_on_full_precision_base_loss']:.4f}; "
+                  f"merged export uses the {served['merge_base'].replace('_', ' ')} base")
         return 0
     error = job.get("error") or {}
     print(f"{job['status']}: {error.get('code', '')} {error.get('message', '')}".rstrip(), file=sys.stderr)

@@ -235,15 +235,38 @@ class EvalComparison:
     baseline: str
     final: str
     change: str | None
+    parameters: str | None = None
+    served: list[tuple[str, str]] = field(default_factory=list)  # QLoRA: where the adapter is served, both merges
+    merge_base: str | None = None
+
+
+SERVED_LOSSES = (("adapter_on_full_precision_base", "Eval loss served on the full-precision base"),
+                 ("merged_full_precision", "Merged into the full-precision base"),
+                 ("merged_dequantized_4bit", "Merged into the dequantized 4-bit base"))
+
+
+def parameter_summary(parameters: dict | None) -> str | None:
+    if not parameters:
+        return None
+    return (f"{parameters['trainable_parameters']:,} of {parameters['total_parameters']:,} "
+            f"({parameters['trainable_percent']:.4f} %)")
 
 
 def eval_comparison(job: Job) -> EvalComparison | None:
-    if job.baseline_eval_loss is None and job.final_eval_loss is None:
+    parameters = parameter_summary(job.parameters)
+    if job.baseline_eval_loss is None and job.final_eval_loss is None and parameters is None:
         return None
     change = None
     if job.baseline_eval_loss and job.final_eval_loss is not None:
         change = f"{(job.final_eval_loss - job.baseline_eval_loss) / job.baseline_eval_loss * 100:+.1f} %"
-    return EvalComparison(number(job.baseline_eval_loss), number(job.final_eval_loss), change)
+    served = (job.result or {}).get("served_eval") or {}
+    merge_base = None
+    if served:
+        merge_base = "the dequantized 4-bit base" if served["merge_base"] == "dequantized_4bit" else \
+            "the full-precision base"
+    return EvalComparison(number(job.baseline_eval_loss), number(job.final_eval_loss), change, parameters,
+                          [(label, number(served[key]["loss"])) for key, label in SERVED_LOSSES if key in served],
+                          merge_base)
 
 
 @dataclass

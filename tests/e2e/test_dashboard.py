@@ -116,6 +116,8 @@ def test_sign_in_upload_train_watch_and_download(stack, settings, new_page, tmp_
     assert seen[-1][1] == 100 and chart_points(page) > max(points for _, points in running)
     expect(page.locator("#loss-chart circle.pt.valid")).not_to_have_count(0)
     expect(page.locator("#job-evals")).to_contain_text("Eval loss before training")
+    # r=4 on q_proj (64->64) and v_proj (64->32) of 2 layers: 2 * 4 * (128 + 96) trained weights.
+    expect(page.locator("#job-evals")).to_contain_text(re.compile(r"Trainable parameters\s*1,792 of [\d,]+ \(\d"))
     expect(page.locator("#job-settings")).to_contain_text("auto: largest divisor of batch_size 2")
     expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
 
