@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make run` (the whole service, embedded default) and `make test`.
+# Only `install` and `prepare` use the network; `run` and `test` need nothing the machine happens to run.
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PIP := $(VENV)/bin/pip
 
-.PHONY: install run test bench clean
+.PHONY: install prepare run test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# What the test run needs beyond the virtual environment: Debian's packages, the tokenizer vocabularies.
+prepare: install
+	bash scripts/prepare.sh
+
 run: install
 	LORAJOBS_BOOTSTRAP_API_KEY="$${LORAJOBS_BOOTSTRAP_API_KEY:-lj-local-dev-key}" \
 	$(VENV)/bin/lorajobs up
 
-test: install
+test: prepare
 	bash scripts/test.sh $(ARGS)
 
 clean:
