@@ -3,13 +3,13 @@
 import argparse
 import sys
 
-from cli import files, jobs, keys, models, service, train
+from cli import files, jobs, keys, models, plan, service, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorajobs", description="Managed LoRA and QLoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (service, keys, files, jobs, models, train):
+    for module in (service, keys, files, jobs, models, train, plan):
         module.register(sub)
     return parser
 
