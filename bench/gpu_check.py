@@ -10,7 +10,7 @@ device shows. Goal: measured peak within 15 % of predicted. No weights are downl
     python bench/gpu_check.py --models 7b --modes qlora --steps 2
     python bench/gpu_check.py --smoke                           # a tiny model on the CPU: the code path only
 
-The GPU machine needs torch and transformers; bitsandbytes, peft and accelerate are taken from `--pkgs DIR`
+The GPU machine needs torch and transformers; bitsandbytes, peft, accelerate and psutil come from `--pkgs DIR`
 (made beforehand on a machine that has them: `--prepare-pkgs DIR`), else installed with pip. Without a CUDA GPU
 it exits at once with status 2. docs/benchmarks.md says how to run it; docs/planning.md what it checks.
 """
@@ -40,7 +40,7 @@ SHAPES = {
 CASES = ((1, 512), (4, 512), (1, 2048))  # (examples packed in the micro-batch, tokens per example)
 SMOKE_CASES = ((1, 64), (2, 64))
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A6000": 155, "L4": 121, "A10": 125}
-NEEDED = ("bitsandbytes", "peft", "accelerate")
+NEEDED = ("bitsandbytes", "peft", "accelerate", "psutil")  # psutil: abi3 wheels, any CPython 3
 TOLERANCE = 0.15
 
 
@@ -51,9 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="Measured steps per case, after one warm-up step.")
     parser.add_argument("--peak-tflops", type=float, default=None, help="The GPU's dense bf16 peak (else by name).")
     parser.add_argument("--pkgs", type=Path, default=ROOT / "bench" / "output" / "pkgs",
-                        help="Folder of vendored bitsandbytes/peft/accelerate, put first on sys.path.")
+                        help="Folder of vendored bitsandbytes/peft/accelerate/psutil, put first on sys.path.")
     parser.add_argument("--prepare-pkgs", type=Path, default=None, metavar="DIR",
-                        help="Copy this environment's bitsandbytes/peft/accelerate into DIR for a GPU machine.")
+                        help="Copy this environment's bitsandbytes/peft/accelerate/psutil into DIR for a GPU machine.")
     parser.add_argument("--cuda", default="128,130",
                         help="With --prepare-pkgs: CUDA versions of bitsandbytes' libraries to keep (torch.version.cuda "
                              "without the dot).")
@@ -82,7 +82,7 @@ def require_cuda() -> None:
 
 
 def prepare_pkgs(dest: Path, cuda_versions: list[str]) -> None:
-    """Copy bitsandbytes (only the CUDA libraries asked for), peft and accelerate for a machine without them."""
+    """Copy bitsandbytes (only the CUDA libraries asked for), peft, accelerate and psutil for a machine without them."""
     import importlib.util
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def prepare_pkgs(dest: Path, cuda_versions: list[str]) -> None:
 
 
 def ensure_packages(pkgs: Path) -> None:
-    """Import bitsandbytes, peft and accelerate: vendored under `pkgs`, else installed with pip, else exit 2."""
+    """Import bitsandbytes, peft, accelerate, psutil: vendored under `pkgs`, else installed with pip, else exit 2."""
     import importlib.util
 
     if pkgs.is_dir():

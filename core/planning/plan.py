@@ -158,12 +158,14 @@ def _classes_for(config: dict, spec: JobSpec, shape: ModelShape, hp: ResolvedHyp
     return [_plan_class(shape, adapter, spec, hp, gpu, lengths, training_tokens) for gpu in gpu_classes]
 
 
-def _variants(spec: JobSpec, lengths: Lengths) -> list[tuple[str, JobSpec]]:
+def _variants(spec: JobSpec, shape: ModelShape, lengths: Lengths) -> list[tuple[str, JobSpec]]:
     """Changes that lower memory, cheapest to the result first: 4-bit base, smaller rank, shorter sequences."""
     variants = []
     quantized = spec if spec.quantization != "none" else spec.model_copy(update={"quantization": "nf4"})
     if quantized is not spec:
         variants.append(("quantization='nf4' (QLoRA)", quantized))
+    elif shape.experts:
+        variants.append(("quantization='none' (the experts stay bf16)", spec.model_copy(update={"quantization": "none"})))
     rank = spec.lora.r // 2
     while rank >= SMALLEST_ADVISED_RANK:
         variants.append((f"lora.r={rank}", spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})))
@@ -180,7 +182,7 @@ def _advice(config: dict, spec: JobSpec, shape: ModelShape, hp: ResolvedHyperpar
             gpu_classes: list[GpuClass]) -> list[str]:
     """What would make a job that fits nowhere fit somewhere: each change tried alone, the first few that work."""
     advice = []
-    for label, variant in _variants(spec, lengths):
+    for label, variant in _variants(spec, shape, lengths):
         variant_lengths = Lengths(min(lengths.longest, variant.max_seq_length), None, None)
         classes = _classes_for(config, variant, shape, hp, variant_lengths, gpu_classes, None)
         best = _smallest_fitting(classes)
@@ -217,6 +219,8 @@ def _notes(shape: ModelShape, spec: JobSpec, hp: ResolvedHyperparameters, length
         if headroom < TIGHT_HEADROOM * plan.memory_gib:
             notes.append(f"{plan.name}: a tight fit, {headroom:.1f} GiB left of {plan.memory_gib:g}; the estimate "
                          "aims at ±15 %.")
+    if shape.experts and spec.quantization != "none":
+        notes.append("QLoRA holds the MoE experts in fp32 (twice bf16): quantization='none' needs less memory.")
     if spec.quantization != "none" and any(c.optimizer == "paged_adamw_8bit" for c in classes):
         notes.append("Paged 8-bit AdamW: under memory pressure its states move to CPU RAM instead of failing.")
     return notes
