@@ -22,6 +22,7 @@ class Architecture:
     query_value: tuple[str, ...]
     mlp: tuple[str, ...]
     note: str = ""
+    no_4bit: str = ""  # why transformers cannot hold this architecture's base in 4 bits, when it cannot
 
     @property
     def linear(self) -> tuple[str, ...]:
@@ -31,6 +32,10 @@ class Architecture:
 _LLAMA = Architecture(("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"))
 _NEOX = Architecture(("query_key_value", "dense"), ("query_key_value",), ("dense_h_to_4h", "dense_4h_to_h"),
                      note="query, key and value are one fused layer")
+_FALCON = Architecture(
+    _NEOX.attention, _NEOX.query_value, _NEOX.mlp, note=_NEOX.note,
+    no_4bit="transformers 5 quantizes only plain nn.Linear layers and Falcon's are FalconLinear, so its base would "
+            "silently stay in 16 bit")
 
 ARCHITECTURES: dict[str, Architecture] = {
     **dict.fromkeys(
@@ -40,7 +45,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                             note="experts are fused 3-D weights in transformers 5, not linear layers: only attention"),
     "qwen3_moe": Architecture(_LLAMA.attention, _LLAMA.query_value, (),
                               note="experts are fused 3-D weights in transformers 5, not linear layers: only attention"),
-    "falcon": _NEOX,
+    "falcon": _FALCON,
     "gpt_neox": _NEOX,
     "phi3": Architecture(("qkv_proj", "o_proj"), ("qkv_proj",), ("gate_up_proj", "down_proj"),
                          note="query, key and value are one fused layer; so are gate and up"),
@@ -110,3 +115,13 @@ def resolve_targets(config: dict, target_modules: list[str] | str, *, param: str
         return ResolvedTargets(model_type, "all-linear" if target_modules == "all-linear" else None, [], multimodal)
     names = list(getattr(arch, PRESET_ROLES[target_modules]))
     return ResolvedTargets(model_type, _scoped(names, multimodal), names, multimodal)
+
+
+def check_quantization(config: dict, quantization: str) -> None:
+    """Refuse 4-bit quantization for an architecture transformers cannot quantize (it would silently train in 16 bit)."""
+    model_type, _ = text_model_type(config)
+    arch = ARCHITECTURES.get(model_type)
+    if quantization != "none" and arch is not None and arch.no_4bit:
+        raise InvalidRequest(f"quantization '{quantization}' is not possible for {model_type}: {arch.no_4bit}. Use "
+                             "quantization 'none' (LoRA on the 16-bit base).", param="quantization",
+                             code="quantization_unsupported")

@@ -12,18 +12,18 @@ BUILT_IN = ("plain", "chatml")
 CHOICES = ("auto", "model", *BUILT_IN)
 
 # Plain-text role markers with the tokenizer's own BOS and EOS: works with any vocabulary.
-_PLAIN = (
-    "{%- if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
-    "{%- for message in messages if message['role'] != 'system' %}"
-    "{%- if message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
-    "{%- elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}### Assistant:\n{% endif %}"
+_PLAIN = (  # no `{%-`: it would strip the blank lines that separate the turns
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
 # ChatML, for vocabularies that carry `<|im_start|>` and `<|im_end|>` as special tokens (base Qwen, SmolLM2).
 _CHATML = (
-    "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 

@@ -13,6 +13,7 @@ from core.settings import Settings, get_settings
 from tests.stack import ApiServer, WorkerProcess, settings_env
 
 TINY_MODEL_ID = "tiny/llama"
+FAMILY_ORG = "fam"  # family models are catalogued as fam/llama2, fam/mistral, ... (tests/helpers/families.py)
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
@@ -60,6 +61,17 @@ def models_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_model(root / TINY_MODEL_ID)
+    return root
+
+
+@pytest.fixture(scope="session")
+def family_catalogue(tmp_path_factory) -> Path:
+    """A catalogue of tiny random models of real families with real vocabularies, as `fam/<family>` (about 20 s)."""
+    from tests.helpers.families import FAMILIES, build_family_model
+
+    root = tmp_path_factory.mktemp("families")
+    for name in FAMILIES:
+        build_family_model(name, root / FAMILY_ORG / name)
     return root
 
 

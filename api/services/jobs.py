@@ -22,7 +22,7 @@ from api.schemas_jobs import (
     ServedEval,
     SupervisedMethod,
 )
-from core.architectures import resolve_targets
+from core.architectures import check_quantization, resolve_targets
 from core.catalogue import CatalogueModel, model_config, resolve_model
 from core.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from core.ids import new_id
@@ -74,8 +74,11 @@ def build_spec(body: JobCreate) -> JobSpec:
 
 
 def check_model_fit(spec: JobSpec, model: CatalogueModel) -> None:
-    """Refuse, before anything queues, adapter layers the model lacks and a chat template it does not have."""
-    resolve_targets(model_config(model), spec.lora.target_modules)
+    """Refuse, before anything queues, adapter layers the model lacks, a 4-bit base transformers cannot make and a
+    chat template the model does not have."""
+    config = model_config(model)
+    resolve_targets(config, spec.lora.target_modules)
+    check_quantization(config, spec.quantization)
     if spec.chat_template == "model" and not has_chat_template(model.path):
         raise InvalidRequest(f"The model '{model.id}' has no chat template; use chat_template 'plain' or 'chatml' "
                              "(or 'auto').", param="chat_template", code="no_chat_template")

@@ -83,6 +83,7 @@ def render_chat(messages: list[dict], tokenizer, **kwargs) -> str:
         return tokenizer.apply_chat_template(_fold_system(messages), tokenize=False, **kwargs)
 
 
+REASONING_END = "</think>"
 _TAG_OR_SPACE = re.compile(r"(\s+|<[^<>\s]{1,40}>)")
 
 
@@ -143,10 +144,12 @@ def render_example(example: Example, tokenizer) -> Rendered:
     assistant_turns = [t for t in example.turns if t.role == "assistant"]
     for k, turn in enumerate(assistant_turns):
         found = _find_content(text, turn.content, cursor)
+        if found is None and REASONING_END in turn.content:  # the template dropped this turn's reasoning (Qwen3)
+            found = _find_content(text, turn.content.rsplit(REASONING_END, 1)[1], cursor)
         if found is None:
             if turn.trained:
                 raise TemplateMismatch(f"the chat template does not render assistant turn {k + 1}'s content verbatim")
-            continue  # context the template rewrote (Qwen3 drops earlier reasoning): nothing to train there
+            continue  # context the template rewrote beyond recognition: nothing of it is trained
         start, end = found
         cursor = end
         gap = len(text[end:]) - len(text[end:].lstrip(" \t\n"))

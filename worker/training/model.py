@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from core.architectures import resolve_targets
+from core.architectures import check_quantization, resolve_targets
 from core.errors import InvalidRequest, LorajobsError
 from core.spec import JobSpec
 from core.templates import BUILT_IN, CHATML_TOKENS, built_in_template, resolve_choice
@@ -126,9 +126,12 @@ def pin_4bit_training_layout(model) -> None:
     """
     import bitsandbytes as bnb
 
-    for layer in model.modules():
-        if isinstance(layer, bnb.nn.Linear4bit):
-            layer.support_avx512bf16_for_cpu = False
+    layers = [layer for layer in model.modules() if isinstance(layer, bnb.nn.Linear4bit)]
+    if not layers:  # an architecture transformers does not quantize: training it would silently be 16-bit LoRA
+        raise InvalidRequest(f"transformers left no layer of {model.config.model_type} in 4 bits; use quantization "
+                             "'none'.", param="quantization", code="quantization_unsupported")
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
 
 
 def check_4bit_layout(model) -> None:
@@ -151,11 +154,15 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str):
     """Load model: the frozen base, 4-bit and prepared for k-bit training when the spec quantizes it."""
     from transformers import AutoModelForCausalLM
 
+    from transformers import AutoConfig
+
+    source = model_source(models_dir, spec.model)
     bnb_config = to_bnb_config(spec, device)
     kwargs = {"dtype": base_dtype(device)}
     if bnb_config is not None:
+        check_quantization(AutoConfig.from_pretrained(source).to_dict(), spec.quantization)
         kwargs.update(quantization_config=bnb_config, device_map={"": 0} if device == "cuda" else {"": "cpu"})
-    model = AutoModelForCausalLM.from_pretrained(model_source(models_dir, spec.model), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False  # padding-free packing is only correct without the KV cache
     if bnb_config is not None:
         from peft import prepare_model_for_kbit_training

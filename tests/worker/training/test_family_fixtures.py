@@ -5,16 +5,13 @@ from pathlib import Path
 import pytest
 from jinja2.exceptions import TemplateError
 
-from tests.helpers.families import FAMILIES, SAMPLE_CHATS, build_family_model
+from tests.conftest import FAMILY_ORG
+from tests.helpers.families import FAMILIES, SAMPLE_CHATS
 
 
 @pytest.fixture(scope="session")
-def family_models(tmp_path_factory) -> Path:
-    """Every family built once into a folder of its own name (a few seconds each once the tokenizer cache is warm)."""
-    root = tmp_path_factory.mktemp("families")
-    for name in FAMILIES:
-        build_family_model(name, root / name)
-    return root
+def family_models(family_catalogue) -> Path:
+    return family_catalogue / FAMILY_ORG
 
 
 @pytest.mark.parametrize("name", FAMILIES)
