@@ -18,7 +18,7 @@ from core.planning import (
     parse_gpu_classes,
 )
 from core.planning.compute import GPU_CLASSES
-from core.planning.memory import GIB
+from core.planning.memory import GIB, block_activation_bytes
 from core.spec import JobSpec, LoraSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -354,3 +354,56 @@ def test_the_gpu_check_runs_its_whole_code_path_on_a_tiny_model(tmp_path):
     results = json.loads((tmp_path / "check.json").read_text())["results"]
     assert {(r["mode"], r["examples"]) for r in results} == {("qlora", 1), ("qlora", 2), ("lora", 1), ("lora", 2)}
     assert all(r["tokens_per_second"] > 0 for r in results)
+
+
+SMALL_BLOCK = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 300, "num_hidden_layers": 3}
+
+
+def _saved_bytes_per_block(quantization: str, examples: int, length: int) -> float:
+    """What autograd keeps for one decoder block, per token: measured with saved-tensor hooks under bf16 autocast."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.gpu_check import quantize_in_place
+
+    def saved(layers: int) -> int:
+        values = {k: v for k, v in SMALL_BLOCK.items() if k != "model_type"}
+        config = AutoConfig.for_model("llama", **{**values, "num_hidden_layers": layers})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model.config.use_cache = False
+        if quantization != "none":
+            quantize_in_place(model, "cpu")
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        ids = torch.randint(0, SMALL_BLOCK["vocab_size"], (1, examples * length))
+        positions = torch.arange(length).repeat(examples).unsqueeze(0)  # packed examples, as the collator makes them
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(input_ids=ids, position_ids=positions, labels=ids)
+        return sum(storages.values())
+
+    return (saved(3) - saved(2)) / (examples * length)  # the second and third blocks differ only by one block
+
+
+
+@pytest.mark.parametrize(("quantization", "examples"), [("none", 1), ("none", 2), ("nf4", 1), ("nf4", 2)])
+def test_a_block_s_activations_are_what_autograd_keeps(quantization, examples):
+    """The per-block formula against saved-tensor hooks (CPU, bf16 autocast, no dropout: CUDA's mask differs)."""
+    shape = model_shape(SMALL_BLOCK)
+    adapter = adapter_counts(shape, SMALL_BLOCK, LoraSpec(r=8, dropout=0.0))
+    length = 128 // examples
+    setup = TrainingSetup(device="cuda", quantization=quantization, double_quant=True, optimizer="adamw_torch",
+                          gradient_checkpointing=False, tokens=128, sequence=128, masked=examples > 1,
+                          lora_dropout=0.0)
+    predicted = block_activation_bytes(shape, adapter, setup)
+    assert _saved_bytes_per_block(quantization, examples, length) == pytest.approx(predicted, rel=0.03)
