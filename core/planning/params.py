@@ -93,6 +93,16 @@ def _head_dim(config: dict, hidden: int, heads: int, default: int | None = None)
     return _value(config, "head_dim", default) or hidden // heads
 
 
+def _separate_qkvo(hidden: int, q_dim: int, kv_dim: int, qkv_bias: bool, o_bias: bool) -> tuple[Linear, ...]:
+    """The q, k, v and o projections as separate layers (`self_attn.*_proj`)."""
+    return (
+        Linear("self_attn.q_proj", hidden, q_dim, qkv_bias),
+        Linear("self_attn.k_proj", hidden, kv_dim, qkv_bias),
+        Linear("self_attn.v_proj", hidden, kv_dim, qkv_bias),
+        Linear("self_attn.o_proj", q_dim, hidden, o_bias),
+    )
+
+
 def _llama_like(config: dict, model_type: str, *, kv_default: int | None, head_dim_default: int | None = None,
                 qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False, norms_per_block: int = 2,
                 qk_norm: bool = False, tie_default: bool = False) -> ModelShape:
@@ -102,11 +112,7 @@ def _llama_like(config: dict, model_type: str, *, kv_default: int | None, head_d
     head_dim = _head_dim(config, hidden, heads, head_dim_default)
     intermediate = config.get("intermediate_size", 11008)
     q_dim, kv_dim = heads * head_dim, kv * head_dim
-    linears = (
-        Linear("self_attn.q_proj", hidden, q_dim, qkv_bias),
-        Linear("self_attn.k_proj", hidden, kv_dim, qkv_bias),
-        Linear("self_attn.v_proj", hidden, kv_dim, qkv_bias),
-        Linear("self_attn.o_proj", q_dim, hidden, o_bias),
+    linears = _separate_qkvo(hidden, q_dim, kv_dim, qkv_bias, o_bias) + (
         Linear("mlp.gate_proj", hidden, intermediate, mlp_bias),
         Linear("mlp.up_proj", hidden, intermediate, mlp_bias),
         Linear("mlp.down_proj", intermediate, hidden, mlp_bias),
@@ -194,11 +200,7 @@ def _starcoder2(config: dict, model_type: str) -> ModelShape:
     bias = bool(_value(config, "use_bias", True))
     vocab = config.get("vocab_size", 49152)
     q_dim, kv_dim = heads * head_dim, kv * head_dim
-    linears = (
-        Linear("self_attn.q_proj", hidden, q_dim, bias),
-        Linear("self_attn.k_proj", hidden, kv_dim, bias),
-        Linear("self_attn.v_proj", hidden, kv_dim, bias),
-        Linear("self_attn.o_proj", q_dim, hidden, bias),
+    linears = _separate_qkvo(hidden, q_dim, kv_dim, bias, bias) + (
         Linear("mlp.c_fc", hidden, intermediate, bias),
         Linear("mlp.c_proj", intermediate, hidden, bias),
     )
