@@ -5,6 +5,7 @@ does — QLoRA: NF4 with double quantization, prepare_model_for_kbit_training, g
 AdamW; LoRA: bf16 base, torch AdamW, no checkpointing; bf16 autocast, SDPA, r=16 on q/v — at one example of 512
 and of 2048 tokens and at four packed examples of 512, and prints what core/planning predicts next to what the
 device shows. Goal: measured peak within 15 % of predicted. No weights are downloaded: the models are random.
+Each model and mode runs in its own process, so that one's paged buffers and cached blocks do not count in the next.
 
     python bench/gpu_check.py                                   # about 5 min on one H200
     python bench/gpu_check.py --models 7b --modes qlora --steps 2
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "without the dot).")
     parser.add_argument("--json", type=Path, default=None, help="Write the results here (default: $OUT or bench/output).")
     parser.add_argument("--smoke", action="store_true", help="A tiny model on the CPU: checks the code path, not memory.")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps = 1
@@ -300,14 +303,8 @@ def runtime_overhead(device: str) -> int:
     return device_used() - torch.cuda.memory_reserved()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.prepare_pkgs:
-        prepare_pkgs(args.prepare_pkgs, [v.strip() for v in args.cuda.split(",") if v.strip()])
-        return 0
-    device = "cpu" if args.smoke else "cuda"
-    if not args.smoke:
-        require_cuda()
+def measure(args, device: str) -> dict:
+    """In this process: the environment, then every requested model and mode."""
     ensure_packages(args.pkgs)
     import bitsandbytes
     import peft
@@ -320,19 +317,54 @@ def main(argv=None) -> int:
     print(f"{name}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
           f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; peak {peak} TFLOPS; "
           f"runtime before any model {runtime / GIB:.2f} GiB", flush=True)
-    models = ["tiny"] if args.smoke else [m.strip() for m in args.models.split(",") if m.strip()]
-    results = []
-    for model_name in models:
-        for mode in (m.strip() for m in args.modes.split(",") if m.strip()):
-            results.extend(run_mode(model_name, mode, args, device, peak, runtime))
+    models = ["tiny"] if args.smoke else _items(args.models)
+    results = [row for model in models for mode in _items(args.modes)
+               for row in run_mode(model, mode, args, device, peak, runtime)]
+    return {"device": name, "peak_tflops": peak, "runtime_bytes": runtime, "results": results}
+
+
+def measure_isolated(args) -> dict:
+    """Each model and mode in its own process: paged optimizer buffers and the allocator's cache die with it."""
+    report = {"results": []}
+    for model in _items(args.models):
+        for mode in _items(args.modes):
+            with tempfile.TemporaryDirectory() as folder:
+                part = Path(folder) / "part.json"
+                command = [sys.executable, __file__, "--child", "--models", model, "--modes", mode,
+                           "--steps", str(args.steps), "--pkgs", str(args.pkgs), "--json", str(part)]
+                command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+                command += ["--smoke"] if args.smoke else []
+                done = subprocess.run(command)
+                if done.returncode or not part.exists():
+                    print(f"{model} {mode}: failed with status {done.returncode}", flush=True)
+                    report["results"].append({"model": model, "mode": mode, "failed": done.returncode})
+                    continue
+                child = json.loads(part.read_text())
+            report = {**child, "results": report["results"] + child["results"]}
+    return report
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.prepare_pkgs:
+        prepare_pkgs(args.prepare_pkgs, _items(args.cuda))
+        return 0
+    if not args.smoke:
+        require_cuda()
+    report = measure(args, "cpu" if args.smoke else "cuda") if (args.smoke or args.child) else measure_isolated(args)
     out = args.json or Path(os.environ.get("OUT") or ROOT / "bench" / "output") / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "peak_tflops": peak, "runtime_bytes": runtime,
-                               "results": results}, indent=2) + "\n")
-    measured = [r for r in results if "error" in r]
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.child:
+        return 0
+    measured = [r for r in report["results"] if "error" in r]
     within = sum(abs(r["error"]) <= TOLERANCE for r in measured)
     print(f"\n{within} of {len(measured)} cases within {TOLERANCE:.0%} of the prediction; results in {out}"
-          if measured else f"\nsmoke run done ({len(results)} cases); results in {out}")
+          if measured else f"\nsmoke run done ({len(report['results'])} cases); results in {out}")
     return 0
 
 
