@@ -117,7 +117,7 @@ def render(plan: Plan, spec: JobSpec) -> str:
                      f"{', '.join(plan.adapted_modules)} in {plan.adapted_layers} layers")
     else:
         lines.append(f"{plan.model} ({plan.model_type or 'unknown type'})")
-    base = "bf16 LoRA" if plan.quantization == "none" else \
+    base = "LoRA, bf16 base (fp32 on a CPU)" if plan.quantization == "none" else \
         f"QLoRA {plan.quantization}{' + double quant' if spec.double_quant else ''}"
     data = f"max_seq_length {plan.max_seq_length}, batch {plan.batch_size}, {plan.n_epochs} epochs"
     if plan.training_tokens is not None:
