@@ -58,7 +58,8 @@ def test_upload_report_train_watch_and_download(stack, settings, project_key, tm
     out = tmp_path / "adapter"
     downloaded = lorajobs(settings, "jobs", "download", job_id, "--out", str(out), *connection)
     assert "verified" in downloaded.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
 
     refused = lorajobs(settings, "jobs", "cancel", job_id, *connection, check=False)
     assert refused.returncode != 0 and "job_already_finished" in refused.stderr

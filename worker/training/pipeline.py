@@ -24,6 +24,7 @@ from worker.training.hooks import TrainingHooks
 from worker.training.model import (
     attach_adapter,
     check_4bit_layout,
+    compute_description,
     load_adapter_model,
     load_base_model,
     load_dequantized_base,
@@ -214,7 +215,8 @@ def train(
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback)
-    hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size}.")
+    hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size}; "
+                f"{compute_description(spec, device)}.")
     run_training(trainer, spec, resume_from)
     state = trainer.state
 

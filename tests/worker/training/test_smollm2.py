@@ -39,6 +39,9 @@ def test_a_short_qlora_run_lowers_held_out_loss_and_the_answer_ends_with_eos(smo
     result = train(spec, train_file, valid_file, tmp_path / "out", models_dir=smollm2_models_dir)
     assert result.status == "succeeded" and result.steps == 4
     assert result.final_eval["loss"] < result.baseline_eval["loss"]
+    served = result.served_eval  # where a user serves it: the full-precision base, or merged
+    assert served["adapter_on_full_precision_base"]["loss"] < result.baseline_eval["loss"]
+    assert served["merge_base"] in ("full_precision", "dequantized_4bit")
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_models_dir / SMOLLM2_ID)
     model = load_adapter_model(result.adapter_dir, smollm2_models_dir).eval()
