@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(120, description="A running job's lease; a worker renews it while training.")
     sweep_interval_seconds: float = Field(15.0, description="How often the sweep looks for expired leases.")
     max_attempts: int = Field(3, description="A job whose worker was lost this many times fails.")
+    gpu_classes: str = Field(
+        "", description="GPU classes jobs are routed to, `NAME[:MEMORY_GIB[:TFLOPS]],...` (e.g. `gpu-24g,gpu-80g`): "
+        "one Celery queue each, a job goes to the smallest that fits it; empty: every job on the `gpu` queue."
+    )
     log_level: str = Field("INFO", description="Log level of every part.")
     log_json: bool = Field(True, description="One JSON object per log line.")
 
@@ -62,6 +66,10 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if not self.storage_url:
             self.storage_url = f"file://{(data / 'objects').as_posix()}"
+        if self.gpu_classes:
+            from core.planning.compute import parse_gpu_classes
+
+            parse_gpu_classes(self.gpu_classes)  # a typo fails at start, not at the first job
         if self.environment == "production":
             if self.secret_key.lower() in PLACEHOLDER_SECRETS or self.secret_key.startswith("dev-"):
                 raise ValueError("LORAJOBS_SECRET_KEY must be set to a real secret in production")
