@@ -15,9 +15,9 @@ _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "inval
 
 
 def envelope(status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None,
-             retry: bool | None = None) -> JSONResponse:
+             retry: bool | None = None, extra: dict | None = None) -> JSONResponse:
     headers = {"x-should-retry": "false"} if retry is False else None
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code, **(extra or {})}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -36,7 +36,7 @@ async def _lorajobs_error(_request: Request, exc: LorajobsError) -> JSONResponse
     if exc.status_code >= 500:
         log.error("server error: %s", exc.message)
     return envelope(exc.status_code, exc.message, type_=exc.error_type, param=exc.param, code=exc.code,
-                    retry=False if not exc.retryable else None)
+                    retry=False if not exc.retryable else None, extra=exc.extra)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

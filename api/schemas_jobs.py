@@ -107,6 +107,11 @@ class JobObject(BaseModel):
         None, description="QLoRA: held-out loss where the adapter is served, of both merges, and which one is exported")
     cancel_requested: bool = False
     attempts: int = 0
+    plan: dict[str, Any] | None = Field(
+        None, description="The pre-flight plan (`fine_tuning.job.plan`): parameters, memory per class, duration")
+    placement: dict[str, Any] | None = Field(
+        None, description="Where it trains: queue, class, micro-batch, checkpointing; measured peak memory once run")
+    queue_position: int | None = Field(None, description="Queued: its place in its queue, 1 = next")
 
 
 class EventObject(BaseModel):

@@ -27,7 +27,9 @@ def register(sub) -> None:
     api.set_defaults(handler=cmd_api)
 
     worker = sub.add_parser("worker", help="Run a Celery worker.")
-    worker.add_argument("--queues", default="cpu,gpu", help="Comma-separated queues: cpu (datasets), gpu (training).")
+    worker.add_argument("--queues", default="cpu,gpu",
+                        help="Comma-separated queues: cpu (datasets), gpu (training; on a CUDA machine with "
+                             "LORAJOBS_GPU_CLASSES set, the class its card serves) or a class name (gpu-80g).")
     worker.add_argument("--concurrency", type=int, default=1, help="Tasks at once (one training job per GPU).")
     worker.add_argument("--hostname", help="Celery node name.")
     worker.set_defaults(handler=cmd_worker)
@@ -81,10 +83,46 @@ def cmd_api(args) -> int:
     return 0
 
 
+CUDA_MEMORY_PROBE = ("import torch; print(torch.cuda.get_device_properties(0).total_memory "
+                     "if torch.cuda.is_available() else '')")
+
+
+def cuda_memory_gib() -> float | None:
+    """The first card's memory, asked in a child process: CUDA initialised before the pool forks breaks its children."""
+    try:
+        out = subprocess.run([sys.executable, "-c", CUDA_MEMORY_PROBE], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = out.stdout.strip()
+    return int(text) / 1024**3 if out.returncode == 0 and text else None
+
+
+def worker_queues(requested: str, settings: Settings, memory_gib: float | None) -> str:
+    """`gpu` becomes the queue of the class this card serves when GPU classes are configured; the CPU keeps `gpu`."""
+    from core.queue import GPU_QUEUE
+    from core.routing import class_for_memory, configured_classes
+
+    names = [q.strip() for q in requested.split(",") if q.strip()]
+    classes = configured_classes(settings)
+    if GPU_QUEUE not in names or not classes or memory_gib is None:
+        return requested
+    gpu = class_for_memory(classes, memory_gib)
+    if gpu is None:
+        log.warning("this card's %.1f GiB is below every configured GPU class; serving the gpu queue", memory_gib)
+        return requested
+    log.info("this card has %.1f GiB: serving GPU class %s (queue %s)", memory_gib, gpu.name, gpu.name)
+    return ",".join(gpu.name if q == GPU_QUEUE else q for q in names)
+
+
 def cmd_worker(args) -> int:
     from worker.app import app
 
-    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--pool", "prefork",
+    settings = get_settings()
+    queues = args.queues
+    if settings.gpu_classes and "gpu" in queues.split(","):
+        configure_logging(settings.log_level, settings.log_json)
+        queues = worker_queues(queues, settings, cuda_memory_gib())
+    argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency), "--pool", "prefork",
             "--loglevel", get_settings().log_level, "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if args.hostname:
         argv += ["--hostname", args.hostname]

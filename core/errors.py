@@ -11,6 +11,7 @@ class LorajobsError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.extra: dict = {}  # more fields of the error object, e.g. the plan of a job that fits nowhere
         if code is not None:
             self.code = code
 

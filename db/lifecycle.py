@@ -4,7 +4,8 @@ import time
 
 from sqlalchemy.orm import Session
 
-from core import queue
+from core import queue, routing
+from core.errors import InvalidRequest
 from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec, resolve_auto
@@ -38,13 +39,45 @@ def fine_tuned_model_name(job: Job, project_name: str) -> str:
     return f"ft:{job.model}:{project_name}:{job.suffix or ''}:{job.id}"
 
 
+def training_examples(spec: JobSpec, training_file: File, *, separate_validation: bool) -> int | None:
+    """Examples trained on: the file's count less the validation split (None while the file is validating)."""
+    examples = (training_file.report or {}).get("examples")
+    if examples is None:
+        return None
+    if spec.validation_fraction and not separate_validation:
+        examples = max(1, round(examples * (1 - spec.validation_fraction)))
+    return examples
+
+
 def resolve_hyperparameters(job: Job, training_file: File) -> None:
     """Resolve the spec's `auto` values from the training file's size; the rules are kept with them."""
     spec = JobSpec.model_validate(job.spec)
-    examples = (training_file.report or {}).get("examples") or 0
-    if spec.validation_fraction and not job.validation_file_id:
-        examples = max(1, round(examples * (1 - spec.validation_fraction)))
+    examples = training_examples(spec, training_file, separate_validation=bool(job.validation_file_id)) or 0
     job.hyperparameters = resolve_auto(spec, examples).model_dump()
+
+
+def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_validation: bool):
+    """The job's pre-flight plan from what the training file's report knows so far (core/planning)."""
+    stats = ((training_file.report or {}).get("token_stats") or {}).get(spec.model)
+    made = routing.plan_job(settings, spec, token_stats=stats,
+                            n_examples=training_examples(spec, training_file, separate_validation=separate_validation))
+    if training_file.status != "processed":
+        made.notes.append(f"The training file {training_file.id} is still being validated: the plan counts no "
+                          "examples or tokens yet.")
+    return made
+
+
+def plan_and_place(settings: Settings, job: Job, training_file: File) -> None:
+    """Store the job's plan and the class it trains on; raises DoesNotFit when it fits no configured class."""
+    spec = JobSpec.model_validate(job.spec)
+    made = plan(settings, spec, training_file, separate_validation=bool(job.validation_file_id))
+    job.plan = made.model_dump(mode="json")
+    job.placement = routing.place(settings, spec, made)
+
+
+def training_queue(job: Job) -> str:
+    """The queue the job was routed to (today's `gpu` queue for jobs from before routing)."""
+    return (job.placement or {}).get("queue") or queue.GPU_QUEUE
 
 
 def add_event(session: Session, job: Job, message: str, *, level: str = "info", type_: str = "message",
@@ -57,9 +90,11 @@ def enqueue(session: Session, settings: Settings, job: Job) -> None:
     """Mark queued and send the task once committed; the sweep resends it if the message is lost."""
     job.status = "queued"
     job.lease_expires_at = time.time() + settings.lease_seconds
-    add_event(session, job, "Job queued for training")
-    job_id = job.id
-    after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job_id))
+    placement = job.placement or {}
+    where = f" on {placement['class']} (queue {placement['queue']})" if placement.get("class") else ""
+    add_event(session, job, f"Job queued for training{where}", data=placement or None)
+    job_id, name = job.id, training_queue(job)
+    after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job_id, queue=name))
 
 
 def promote_waiting_jobs(session: Session, settings: Settings, file_row: File) -> None:
@@ -74,6 +109,11 @@ def promote_waiting_jobs(session: Session, settings: Settings, file_row: File) -
         if all(f is not None and f.status == "processed" for f in others):
             training = files_repo.get_any(session, job.training_file_id)
             resolve_hyperparameters(job, training)
+            try:
+                plan_and_place(settings, job, training)
+            except InvalidRequest as exc:  # fits no configured class, or its model left the catalogue
+                fail(session, job, exc.code, exc.message, param=exc.param)
+                continue
             enqueue(session, settings, job)
 
 

@@ -86,6 +86,10 @@ class Job(Base):
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
     # As PEFT counts them once the adapter is attached: trainable_parameters, total_parameters, trainable_percent.
     parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The pre-flight plan (`fine_tuning.job.plan`, core/planning) as it stood when the job was queued.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Where it trains (core/routing.py): queue, class, micro-batch, checkpointing, OOM halvings, measured peak.
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Downloadable archives by format: {"tar.gz": {"key", "sha256", "bytes"}, "zip": {...}}.
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

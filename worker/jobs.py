@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import queue
+from core import queue, routing
 from core.archives import ARCHIVE_FORMATS, make_archive, sha256_file, unpack_archive
 from core.errors import LorajobsError
 from core.ids import new_id
@@ -53,6 +53,8 @@ class ClaimedJob:
     checkpoint_key: str | None
     checkpoint_step: int
     attempts: int
+    placement: dict
+    plan: dict | None
 
 
 def job_prefix(project_id: str, job_id: str) -> str:
@@ -98,7 +100,8 @@ def claim(settings: Settings, job_id: str, owner: str) -> ClaimedJob | None:
             lifecycle.add_event(session, job, f"Training started (attempt {job.attempts})")
         return ClaimedJob(job.id, job.project_id, project.name, JobSpec.model_validate(job.spec),
                           training.storage_key, validation.storage_key if validation else None,
-                          latest.storage_key if latest else None, latest.step if latest else 0, job.attempts)
+                          latest.storage_key if latest else None, latest.step if latest else 0, job.attempts,
+                          dict(job.placement or {}), job.plan)
 
 
 class JobRun:
@@ -243,12 +246,15 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
         resume_from = unpack_archive(work / "resume.tar.gz", work / f"checkpoint-{job.checkpoint_step}")
     hooks = TrainingHooks(on_progress=run.on_progress, on_metrics=run.on_metrics, on_checkpoint=run.on_checkpoint,
                           on_event=run.on_event, should_stop=run.should_stop, on_parameters=run.on_parameters)
+    _reset_peak_memory()
     try:
         result = train(job.spec, train_path, valid_path, work / "out", hooks, models_dir=settings.models_dir,
-                       resume_from=resume_from)
+                       resume_from=resume_from, micro_batch_size=job.placement.get("micro_batch_size"),
+                       gradient_checkpointing=job.placement.get("gradient_checkpointing"))
     except Exception as exc:
         _settle_failure(settings, job, owner, exc)
         return
+    _record_peak_memory(settings, job, owner, run)
     if heartbeat.lost.is_set():
         log.warning("lease lost during training; another worker owns the job now", extra={"job_id": job.id})
         return
@@ -285,11 +291,55 @@ def _settle_in(session, job: ClaimedJob, owner: str, *, status: str, message: st
     return owned
 
 
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measured_peak() -> tuple[str, int]:
+    """(device, peak bytes): `torch.cuda.max_memory_allocated` on a GPU, else the process's peak RSS."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", int(torch.cuda.max_memory_allocated())
+    return "cpu", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _record_peak_memory(settings: Settings, job: ClaimedJob, owner: str, run: "JobRun") -> None:
+    """Record the measured peak next to the plan's prediction for the class that ran, so the planner is checked."""
+    device, peak = measured_peak()
+    predicted = routing.predicted_peak(job.plan, job.placement, device, peak_device_gib=_device_memory_gib(device))
+    placement = {**job.placement, "measured_peak_bytes": peak, "measured_on": device,
+                 "predicted_peak_bytes": predicted[1] if predicted else None,
+                 "predicted_class": predicted[0] if predicted else None}
+    with transaction(settings.database_url) as session:
+        repo.update_owned(session, job.id, owner, placement=placement)
+    how = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the worker process"
+    versus = f"; the plan predicted {predicted[1] / 1024**3:.2f} GiB on {predicted[0]}" if predicted else ""
+    run.on_event("info", f"Peak memory measured: {peak / 1024**3:.2f} GiB ({how}){versus}.")
+
+
+def _device_memory_gib(device: str) -> float | None:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory / 1024**3
+    return None
+
+
 def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Exception) -> None:
-    """User-fixable errors fail at once with what to change; others are retried a bounded number of times."""
+    """User-fixable errors fail at once with what to change; a GPU out of memory retries smaller or larger;
+    others are retried a bounded number of times."""
     if isinstance(exc, LorajobsError) and exc.status_code < 500:
         code, message, retry = exc.code or "invalid_training_input", exc.message, False
-    elif isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    elif type(exc).__name__ == "OutOfMemoryError":
+        _settle_out_of_memory(settings, job, owner)
+        return
+    elif isinstance(exc, MemoryError):
         code, message, retry = "out_of_memory", OOM_ADVICE, False
     else:
         log.exception("training crashed", extra={"job_id": job.id})
@@ -301,7 +351,42 @@ def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Except
                                   message=f"{message}; retrying (attempt {job.attempts + 1} of "
                                   f"{settings.max_attempts})", lease_expires_at=time.time() + settings.lease_seconds)
             if requeued:
-                after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id))
+                name = job.placement.get("queue")
+                after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))
         else:
             _settle_in(session, job, owner, status="failed", level="error", message=message,
                        error={"code": code, "message": message, "param": None})
+
+
+def _settle_out_of_memory(settings: Settings, job: ClaimedJob, owner: str) -> None:
+    """Torch's out of memory: half the micro-batch from the last checkpoint (twice), then the next larger class,
+    then fail; each step is an event, and none spends the job's attempts (docs/planning.md)."""
+    with transaction(settings.database_url) as session:
+        row = repo.get_any(session, job.id)
+        hyper = row.hyperparameters or {}
+        placement = job.placement
+        micro = placement.get("micro_batch_size") or hyper.get("micro_batch_size") or 1
+        accumulation = placement.get("gradient_accumulation_steps") or hyper.get("gradient_accumulation_steps") or 1
+        step = routing.after_oom(micro_batch_size=micro, gradient_accumulation_steps=accumulation,
+                                 halvings=placement.get("oom_halvings", 0), class_name=placement.get("class"),
+                                 classes=routing.configured_classes(settings), plan=job.plan)
+        if step.action == "fail":
+            advice = " ".join((job.plan or {}).get("advice") or [])
+            message = f"{step.message}. {OOM_ADVICE}{f' {advice}' if advice else ''}"
+            _settle_in(session, job, owner, status="failed", level="error", message=message,
+                       error={"code": "out_of_memory", "message": message, "param": None})
+            return
+        moved = {}
+        if step.action == "move":
+            gpu = next(c for c in routing.configured_classes(settings) if c.name == step.class_name)
+            moved = {"queue": routing.queue_of(gpu), "class": gpu.name, "oom_halvings": 0}
+        placement = {**placement, "micro_batch_size": step.micro_batch_size,
+                     "gradient_accumulation_steps": step.gradient_accumulation_steps,
+                     "oom_halvings": placement.get("oom_halvings", 0) + 1, **moved,
+                     "oom_events": placement.get("oom_events", 0) + 1}
+        requeued = _settle_in(session, job, owner, status="queued", level="warn", message=step.message,
+                              placement=placement, attempts=max(0, job.attempts - 1),
+                              lease_expires_at=time.time() + settings.lease_seconds)
+        if requeued:
+            name = placement.get("queue")
+            after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))

@@ -39,8 +39,9 @@ def sweep() -> dict[str, int]:
                 counts["requeued"] += 1
         for job in repo.stale_queued(session, now):
             job.lease_expires_at = now + settings.lease_seconds
-            job_id = job.id
-            after_commit(session, lambda job_id=job_id: queue.send(settings, queue.TRAIN_JOB, job_id))
+            job_id, name = job.id, lifecycle.training_queue(job)
+            after_commit(session, lambda job_id=job_id, name=name: queue.send(settings, queue.TRAIN_JOB, job_id,
+                                                                               queue=name))
             counts["resent"] += 1
     if any(counts.values()):
         log.info("sweep", extra=counts)

@@ -10,17 +10,21 @@ from api.schemas import ListResponse
 from api.schemas_jobs import CheckpointObject, EventObject, JobCreate, JobObject
 from api.services import artifacts
 from api.services import jobs as service
+from core.planning import Plan
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject | Plan)
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, project: CurrentProject,
-               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobObject:
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobObject | Plan:
+    """Create a job, or with `"dry_run": true` answer its plan (`fine_tuning.job.plan`) and create nothing."""
     job = service.create(session, settings, project, body, idempotency_key)
-    return service.to_object(job, project)
+    if isinstance(job, Plan):
+        return job
+    return service.object_with_position(session, job, project)
 
 
 @router.get("", response_model=ListResponse[JobObject])
@@ -28,12 +32,14 @@ def list_jobs(request: Request, session: SessionDep, project: CurrentProject, af
               limit: Limit = 20, status: str | None = None) -> ListResponse[JobObject]:
     metadata = service.metadata_filter(list(request.query_params.multi_items()))
     page = service.page(session, project, after=after, limit=limit, status=status, metadata=metadata)
-    return ListResponse.of([service.to_object(job, project) for job in page.items], page.has_more)
+    positions = service.queue_positions(session, page.items)
+    return ListResponse.of([service.to_object(job, project, positions.get(job.id)) for job in page.items],
+                           page.has_more)
 
 
 @router.get("/{job_id}", response_model=JobObject)
 def retrieve_job(job_id: str, session: SessionDep, project: CurrentProject) -> JobObject:
-    return service.to_object(service.get(session, project, job_id), project)
+    return service.object_with_position(session, service.get(session, project, job_id), project)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)

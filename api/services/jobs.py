@@ -22,10 +22,13 @@ from api.schemas_jobs import (
     ServedEval,
     SupervisedMethod,
 )
+from core import queue as broker
+from core import routing
 from core.architectures import check_quantization, resolve_targets
 from core.catalogue import CatalogueModel, model_config, resolve_model
 from core.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from core.ids import new_id
+from core.planning import Plan
 from core.settings import Settings
 from core.spec import JobSpec
 from core.templates import has_chat_template
@@ -109,8 +112,12 @@ def _check_trainable(report: dict | None, spec: JobSpec, param: str) -> None:
 
 
 def create(session: Session, settings: Settings, project: Project, body: JobCreate,
-           idempotency_key: str | None = None) -> Job:
-    if idempotency_key:
+           idempotency_key: str | None = None) -> Job | Plan:
+    """Create and queue a job, or with `dry_run` only its plan; a job that fits no configured class is refused."""
+    dry_run = (body.model_extra or {}).pop("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidRequest("dry_run must be true or false.", param="dry_run")
+    if idempotency_key and not dry_run:
         existing = repo.get_by_idempotency_key(session, project.id, idempotency_key)
         if existing is not None:
             return existing
@@ -124,11 +131,18 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     validation = _usable_file(session, project, body.validation_file, "validation_file") \
         if body.validation_file else None
     _check_trainable(training.report, spec, "training_file")
+    ready = all(f.status == "processed" for f in (training, validation) if f is not None)
+    plan = lifecycle.plan(settings, spec, training, separate_validation=validation is not None)
+    placement = routing.place(settings, spec, plan) if ready else None
+    if placement is not None:
+        _note_unserved(settings, plan, placement)
+    if dry_run:
+        return plan
     job = Job(id=new_id("ftjob"), project_id=project.id, model=spec.model, training_file_id=training.id,
               validation_file_id=validation.id if validation else None, status="validating_files",
               spec=spec.model_dump(mode="json"), suffix=body.suffix or None, seed=spec.seed,
               user_metadata=body.metadata, idempotency_key=idempotency_key, result_files=[], attempts=0,
-              cancel_requested=False, created_at=time.time())
+              cancel_requested=False, created_at=time.time(), plan=plan.model_dump(mode="json"), placement=placement)
     try:
         with session.begin_nested():
             repo.add(session, job)
@@ -138,12 +152,24 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
             raise
         return existing
     lifecycle.add_event(session, job, f"Created fine-tuning job {job.id}")
-    if all(f.status == "processed" for f in (training, validation) if f is not None):
+    if ready:
         lifecycle.resolve_hyperparameters(job, training)
         lifecycle.enqueue(session, settings, job)
+        if placement.get("unserved"):
+            lifecycle.add_event(session, job, placement["unserved"], level="warn")
     else:
         lifecycle.add_event(session, job, "Waiting for the dataset's validation to finish")
     return job
+
+
+def _note_unserved(settings: Settings, plan: Plan, placement: dict) -> None:
+    """Say in the plan when no live worker consumes the job's queue (best effort: unknown says nothing)."""
+    live = broker.live_queues(settings)
+    if live is not None and placement["queue"] not in live:
+        where = placement.get("class") or placement["queue"]
+        placement["unserved"] = (f"No live worker serves {where} (queue {placement['queue']}): the job waits until "
+                                 "one starts.")
+        plan.notes.append(placement["unserved"])
 
 
 def get(session: Session, project: Project, job_id: str) -> Job:
@@ -196,18 +222,49 @@ def _hyperparameters(job: Job) -> Hyperparameters:
     return Hyperparameters(**{name: resolved.get(name) or spec.get(name) for name in OPENAI_HYPERPARAMETERS})
 
 
-def to_object(job: Job, project: Project) -> JobObject:
+def queue_positions(session: Session, jobs: list[Job]) -> dict[str, tuple[int, float | None]]:
+    """For each queued job: (its place in its queue, 1 = next; estimated finish) from the plans of the jobs ahead.
+
+    Jobs ahead are the running and earlier queued jobs of the same queue, each worker taken to run one at a time:
+    a running job counts its remaining time, a queued one its planned duration.
+    """
+    if not any(job.status == "queued" for job in jobs):
+        return {}
+    now = time.time()
+    ahead: dict[str, tuple[int, float | None]] = {}
+    found = {}
+    for job in repo.active(session):
+        name = lifecycle.training_queue(job)
+        count, seconds = ahead.get(name, (0, 0.0))
+        planned = routing.planned_seconds(job.plan, job.placement)
+        if job.status == "queued":
+            found[job.id] = (count + 1, None if seconds is None or planned is None else now + seconds + planned)
+            remaining = planned
+        elif job.estimated_finish:
+            remaining = max(0.0, job.estimated_finish - now)
+        else:
+            done = (job.progress or {}).get("percent") or 0.0
+            remaining = None if planned is None else planned * (1 - done / 100)
+        ahead[name] = (count + 1, None if seconds is None or remaining is None else seconds + remaining)
+    return found
+
+
+def object_with_position(session: Session, job: Job, project: Project) -> JobObject:
+    """The job object, with its queue position and estimated finish when queued."""
+    return to_object(job, project, queue_positions(session, [job]).get(job.id))
+
+
+def to_object(job: Job, project: Project, position: tuple[int, float | None] | None = None) -> JobObject:
     spec = job.spec
     hyper = _hyperparameters(job)
     progress = Progress(**job.progress) if job.progress else None
-    running = job.status == "running"
     return JobObject(
         id=job.id, created_at=int(job.created_at), error=JobError(**job.error) if job.error else None,
         fine_tuned_model=job.fine_tuned_model, finished_at=int(job.finished_at) if job.finished_at else None,
         hyperparameters=hyper, model=job.model, organization_id=project.id, result_files=job.result_files or [],
         seed=job.seed, status=job.status, trained_tokens=job.trained_tokens, training_file=job.training_file_id,
         validation_file=job.validation_file_id,
-        estimated_finish=int(job.estimated_finish) if running and job.estimated_finish else None,
+        estimated_finish=_estimated_finish(job, position),
         metadata=job.user_metadata, method=Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hyper)),
         suffix=job.suffix, quantization=spec["quantization"], lora=spec["lora"], max_seq_length=spec["max_seq_length"],
         learning_rate=(job.hyperparameters or {}).get("learning_rate") or spec.get("learning_rate"), spec=spec,
@@ -215,7 +272,16 @@ def to_object(job: Job, project: Project) -> JobObject:
         final_eval_loss=job.final_eval_loss, adapter_sha256=job.adapter_sha256,
         cancel_requested=job.cancel_requested, attempts=job.attempts, **(job.parameters or {}),
         chat_template=(job.result or {}).get("chat_template"), served_eval=served_eval(job.result),
+        plan=job.plan, placement=job.placement, queue_position=position[0] if position else None,
     )
+
+
+def _estimated_finish(job: Job, position: tuple[int, float | None] | None) -> int | None:
+    if job.status == "running" and job.estimated_finish:
+        return int(job.estimated_finish)
+    if job.status == "queued" and position and position[1] is not None:
+        return int(position[1])
+    return None
 
 
 def served_eval(result: dict | None) -> ServedEval | None:

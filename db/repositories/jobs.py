@@ -84,6 +84,12 @@ def update_owned(session: Session, job_id: str, owner: str, **values: Any) -> bo
     return result.rowcount == 1
 
 
+def active(session: Session) -> list[Job]:
+    """Every project's running jobs, then its queued jobs in the order they were queued (for queue positions)."""
+    stmt = select(Job).where(Job.status.in_(("running", "queued"))).order_by((Job.status == "queued"), Job.seq)
+    return list(session.scalars(stmt))
+
+
 def expired_leases(session: Session, now: float) -> list[Job]:
     stmt = select(Job).where(Job.status == "running", Job.lease_expires_at < now).with_for_update(skip_locked=True)
     return list(session.scalars(stmt))

@@ -1,5 +1,6 @@
 """The Trainer callback that drives `TrainingHooks`."""
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ class HooksCallback(TrainerCallback):
         self._start_tokens = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
+        _inject_test_oom(state.global_step, args.per_device_train_batch_size)
         if self.hooks.should_stop and self.hooks.should_stop():
             self.cancelled = True
             control.should_training_stop = True
@@ -82,3 +84,16 @@ class HooksCallback(TrainerCallback):
             "tokens_per_second": (state.num_input_tokens_seen - self._start_tokens) / elapsed,
             "eta_seconds": elapsed / steps_done * remaining if steps_done else None,
         })
+
+
+TEST_FAULT_OOM_AT_STEP = "LORAJOBS_TEST_FAULT_OOM_AT_STEP"
+
+
+def _inject_test_oom(step: int, micro_batch_size: int) -> None:
+    """Tests only (docs/configuration.md): a real `torch.OutOfMemoryError` at step N while the micro-batch is above
+    1, so the OOM recovery runs end to end on a machine without a GPU."""
+    at = os.environ.get(TEST_FAULT_OOM_AT_STEP)
+    if at and step == int(at) and micro_batch_size > 1:
+        import torch
+
+        raise torch.OutOfMemoryError(f"{TEST_FAULT_OOM_AT_STEP}={at}: injected at micro-batch {micro_batch_size}")

@@ -168,8 +168,11 @@ def check_4bit_layout(model) -> None:
         )
 
 
-def load_base_model(spec: JobSpec, models_dir: Path, device: str):
-    """Load model: the frozen base, 4-bit and prepared for k-bit training when the spec quantizes it."""
+def load_base_model(spec: JobSpec, models_dir: Path, device: str, gradient_checkpointing: bool | None = None):
+    """Load model: the frozen base, 4-bit and prepared for k-bit training when the spec quantizes it.
+
+    Plain LoRA recomputes activations when the job's plan says so; without a plan, always on a GPU.
+    """
     from transformers import AutoModelForCausalLM
 
     from transformers import AutoConfig
@@ -189,7 +192,7 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING
         )
-    elif device == "cuda":
+    elif gradient_checkpointing or (gradient_checkpointing is None and device == "cuda"):
         # A bf16 7B with plain LoRA fits a 24 GB card at the default length only with recomputed activations.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointed blocks

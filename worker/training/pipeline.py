@@ -189,13 +189,21 @@ def train(
     *,
     models_dir: Path,
     resume_from: Path | None = None,
+    micro_batch_size: int | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> TrainingResult:
-    """Fine-tune `spec.model` on `train_path` and write checkpoints, the adapter and the log under `out_dir`."""
+    """Fine-tune `spec.model` on `train_path` and write checkpoints, the adapter and the log under `out_dir`.
+
+    `micro_batch_size` and `gradient_checkpointing`, when given, are the job's plan for its GPU class (or its
+    out-of-memory retry): the batch stays the spec's, accumulation makes up the difference.
+    """
     from transformers import set_seed
 
     from worker.training.callback import HooksCallback
 
     hooks = hooks or TrainingHooks()
+    if micro_batch_size is not None:
+        spec = spec.model_copy(update={"micro_batch_size": micro_batch_size})
     out_dir = Path(out_dir)
     device = pick_device()
     tokenizer = load_tokenizer(spec.model, models_dir, spec.chat_template)
@@ -208,14 +216,15 @@ def train(
     collator = make_collator(spec.packing, tokenizer)
 
     set_seed(spec.seed)  # the adapter's initial weights
-    model = attach_adapter(load_base_model(spec, models_dir, device), spec)
+    model = attach_adapter(load_base_model(spec, models_dir, device, gradient_checkpointing), spec)
     parameters = parameter_counts(model)
     if hooks.on_parameters:
         hooks.on_parameters(dict(parameters))
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback)
-    hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size}; "
+    hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
+                f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute_description(spec, device)}.")
     run_training(trainer, spec, resume_from)
     state = trainer.state
