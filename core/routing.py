@@ -104,6 +104,8 @@ def predicted_peak(plan: dict | None, placement: dict | None, device: str,
     card serves on a GPU."""
     entries = [c for c in (plan or {}).get("classes") or [] if c.get("memory")]
     name = (placement or {}).get("class")
+    if not any(c["name"] == name and c["device"] == device for c in entries):  # e.g. a CPU worker on a GPU queue
+        name = None
     if name is None and device == "cpu":
         name = next((c["name"] for c in entries if c["device"] == "cpu"), None)
     elif name is None and peak_device_gib is not None:

@@ -39,6 +39,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
     if settings.s3_endpoint_url:
         env["LORAJOBS_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    if settings.gpu_classes:
+        env["LORAJOBS_GPU_CLASSES"] = settings.gpu_classes
     return env
 
 

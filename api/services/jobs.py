@@ -134,7 +134,7 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     ready = all(f.status == "processed" for f in (training, validation) if f is not None)
     plan = lifecycle.plan(settings, spec, training, separate_validation=validation is not None)
     placement = routing.place(settings, spec, plan) if ready else None
-    if placement is not None:
+    if placement is not None and placement.get("class"):
         _note_unserved(settings, plan, placement)
     if dry_run:
         return plan
