@@ -27,6 +27,8 @@ def register(sub) -> None:
     create.add_argument("--max-seq-length", type=int)
     create.add_argument("--spec", type=Path, help="A JSON file of further job-spec fields (docs/job-spec.md).")
     create.add_argument("--watch", action="store_true", help="Follow the job until it ends.")
+    create.add_argument("--dry-run", action="store_true",
+                        help="Print the job's plan (parameters, memory per GPU class, duration) and create nothing.")
     create.set_defaults(handler=cmd_create)
     listing = jobs.add_parser("list", help="List jobs, newest first.")
     listing.add_argument("--limit", type=int, default=20)
@@ -51,10 +53,35 @@ def cmd_create(args) -> int:
     optional = {"validation_file": args.validation_file, "suffix": args.suffix, "quantization": args.quantization,
                 "n_epochs": args.epochs, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length}
     body.update({k: v for k, v in optional.items() if v is not None})
+    if args.dry_run:
+        body["dry_run"] = True
     with client(args) as http:
-        job = check(http.post("fine_tuning/jobs", json=body))
+        response = http.post("fine_tuning/jobs", json=body)
+    error = response.json().get("error") if response.status_code == 400 else None
+    if error and error.get("plan"):  # fits no configured class: the plan says what would
+        print(_render_plan(error["plan"], body))
+        sys.exit(f"lorajobs: 400 {error['code']}: {error['message']}")
+    job = check(response)
+    if args.dry_run:
+        print(_render_plan(job, body))
+        return 0
     print(f"{job['id']}  {job['status']}  {job['model']}  quantization={job['quantization']}")
     return cmd_watch(_with_job(args, job["id"])) if args.watch else 0
+
+
+def _render_plan(plan: dict, body: dict) -> str:
+    """`lorajobs plan`'s table for a plan the API answered."""
+    from pydantic import ValidationError
+
+    from cli.plan import render
+    from core.planning import Plan
+    from core.spec import JobSpec
+
+    try:
+        spec = JobSpec.model_validate({k: v for k, v in body.items() if k in JobSpec.model_fields})
+    except ValidationError:  # the API accepted it; the table only needs the rank and double quantization
+        spec = JobSpec.model_validate({"model": body["model"]})
+    return render(Plan.model_validate(plan), spec)
 
 
 def _with_job(args, job_id: str):

@@ -63,3 +63,14 @@ def test_upload_report_train_watch_and_download(stack, settings, project_key, tm
 
     refused = lorajobs(settings, "jobs", "cancel", job_id, *connection, check=False)
     assert refused.returncode != 0 and "job_already_finished" in refused.stderr
+
+
+def test_jobs_create_dry_run_prints_the_plan_and_creates_nothing(stack, settings, project_key):
+    connection = ("--base-url", stack.v1, "--api-key", project_key.key)
+    file_id = lorajobs(settings, "files", "upload", str(DEMO / "train.jsonl"), *connection).stdout.split()[0]
+    planned = lorajobs(settings, "jobs", "create", "--model", TINY_MODEL_ID, "--file", file_id, "--quantization",
+                       "none", "--max-seq-length", "256", "--dry-run", *connection).stdout
+    assert f"{TINY_MODEL_ID} (llama): " in planned and "trainable of" in planned
+    assert "Smallest class that fits: gpu-24g" in planned
+    assert "cpu" in planned and "micro×acc" in planned
+    assert "ftjob-" not in lorajobs(settings, "jobs", "list", *connection).stdout
