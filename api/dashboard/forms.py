@@ -76,8 +76,9 @@ def _target_modules(text: str) -> str | list[str]:
     return [name.strip() for name in text.split(",")]
 
 
-def job_create(form: dict[str, str]) -> JobCreate:
-    """The API's create body from the submitted form; an empty knob keeps the spec's default."""
+def job_create(form: dict[str, str], *, dry_run: bool = False) -> JobCreate:
+    """The API's create body from the submitted form (only its plan with `dry_run`); an empty knob keeps the spec's
+    default."""
     knobs: dict[str, Any] = {}
     for knob in knob_fields():
         text = form.get(knob.name, "").strip()
@@ -91,6 +92,8 @@ def job_create(form: dict[str, str]) -> JobCreate:
             knobs[section] = value
     body = {"model": form.get("model", ""), "training_file": form.get("training_file", ""),
             "validation_file": form.get("validation_file") or None, "suffix": form.get("suffix") or None, **knobs}
+    if dry_run:
+        body["dry_run"] = True
     try:
         return JobCreate.model_validate(body)
     except ValidationError as exc:

@@ -288,3 +288,82 @@ def file_row(row: File) -> FileRow:
     return FileRow(row.id, row.filename, row.purpose, size(row.bytes), row.status,
                    STATUS_LABELS.get(row.status, row.status), row.status_details, shown_time(row.created_at),
                    iso_time(row.created_at), examples)
+
+
+GIB = 1024**3
+
+
+@dataclass
+class PlanClassRow:
+    name: str
+    memory_gib: str
+    fits: str
+    micro: str
+    checkpointing: str
+    peak: str
+    weights: str
+    adapter: str
+    activations: str
+    other: str
+    duration: str
+    chosen: bool
+
+
+@dataclass
+class PlanView:
+    """A job's pre-flight plan as the job page and the new-job form show it."""
+
+    summary: str
+    data: str
+    classes: list[PlanClassRow]
+    smallest: str
+    advice: list[str]
+    notes: list[str]
+    placement: str | None = None
+    measured: str | None = None
+    warning: str | None = None
+
+
+def _gib(n: int | None) -> str:
+    return "—" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def plan_view(plan: dict | None, placement: dict | None = None, *, unserved: str | None = None) -> PlanView | None:
+    if not plan:
+        return None
+    placement = placement or {}
+    chosen = placement.get("class") or plan.get("smallest_fitting_class")
+    if plan.get("trainable_parameters") is not None:
+        summary = (f"{plan['trainable_parameters']:,} trainable of {plan['total_parameters']:,} parameters "
+                   f"({plan['trainable_percent']} %) on {', '.join(plan.get('adapted_modules') or [])}")
+    else:
+        summary = f"No counts for model type '{plan.get('model_type') or 'unknown'}'."
+    data = (f"quantization {plan['quantization']}, max_seq_length {plan['max_seq_length']}, batch {plan['batch_size']}, "
+            f"{plan['n_epochs']} epochs")
+    if plan.get("training_tokens") is not None:
+        data += f", {plan['training_tokens']:,} tokens in {plan['steps']:,} steps"
+    rows = []
+    for c in plan.get("classes") or []:
+        m = c.get("memory") or {}
+        rows.append(PlanClassRow(
+            name=c["name"], memory_gib=f"{c['memory_gib']:g} GiB", fits=number(c.get("fits")),
+            micro=f"{c['micro_batch_size']} × {c['gradient_accumulation_steps']}" if c.get("micro_batch_size") else "—",
+            checkpointing=number(c.get("gradient_checkpointing")), peak=_gib(m.get("peak")),
+            weights=_gib(m["quantized_weights"] + m["full_precision_weights"]) if m else "—",
+            adapter=_gib(m["adapter_weights"] + m["gradients"] + m["optimizer_states"]) if m else "—",
+            activations=_gib(m["activations"] + m["logits"]) if m else "—", other=_gib(m.get("overhead")),
+            duration=span(c.get("duration_seconds")), chosen=c["name"] == chosen))
+    where = None
+    if placement.get("queue"):
+        where = f"queue {placement['queue']}" + (f", class {placement['class']}" if placement.get("class") else "")
+        if placement.get("micro_batch_size"):
+            where += (f", micro-batch {placement['micro_batch_size']} × {placement['gradient_accumulation_steps']}"
+                      " accumulation")
+    measured = None
+    if placement.get("measured_peak_bytes"):
+        measured = f"{_gib(placement['measured_peak_bytes'])} on {placement['measured_on']}"
+        if placement.get("predicted_peak_bytes"):
+            measured += f" (predicted {_gib(placement['predicted_peak_bytes'])} for {placement['predicted_class']})"
+    return PlanView(summary=summary, data=data, classes=rows, smallest=plan.get("smallest_fitting_class") or "none",
+                    advice=list(plan.get("advice") or []), notes=list(plan.get("notes") or []), placement=where,
+                    measured=measured, warning=unserved)

@@ -22,7 +22,9 @@ from api.dashboard.auth import project_for_key_hash
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.services import artifacts, files as files_service, jobs as jobs_service, models as models_service
 from api.services.projects import authenticate, hash_key
+from core import queue as broker
 from core.errors import AuthenticationError, Conflict, InvalidRequest, LorajobsError, PayloadTooLarge
+from core.settings import Settings
 from db.models import Job, Project
 
 API_ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +277,18 @@ def _events(db, project: Project, job_id: str) -> tuple[list, list]:
     return shown, [event for event in events if event.type == "metrics"]
 
 
-def _job_context(db, project: Project, job: Job) -> dict[str, Any]:
+def _unserved(settings: Settings, job: Job) -> str | None:
+    """For a job queued on a GPU class: a warning when no live worker consumes its queue (best effort)."""
+    placement = job.placement or {}
+    if job.status != "queued" or not placement.get("class"):
+        return None
+    live = broker.live_queues(settings)
+    if live is None or placement["queue"] in live:
+        return None
+    return f"No live worker serves {placement['class']} (queue {placement['queue']}): the job waits until one starts."
+
+
+def _job_context(db, settings: Settings, project: Project, job: Job) -> dict[str, Any]:
     events, metrics = _events(db, project, job.id)
     checkpoints = jobs_service.checkpoints(db, project, job.id, after=None, limit=100).items
     series = views.metrics_series(metrics)
@@ -287,11 +300,13 @@ def _job_context(db, project: Project, job: Job) -> dict[str, Any]:
         "evals": views.eval_comparison(job), "failure": views.failure(job),
         "fine_tuned_model": job.fine_tuned_model,
         "chart": {**series.as_json(), "total_steps": (job.progress or {}).get("total_steps")},
+        "plan": views.plan_view(job.plan, job.placement, unserved=_unserved(settings, job)),
     }
 
 
 JOB_FRAGMENTS = {"job-status": "_job_status.html", "job-evals": "_job_evals.html", "job-events": "_job_events.html",
-                 "job-checkpoints": "_job_checkpoints.html", "job-settings": "_job_settings.html"}
+                 "job-checkpoints": "_job_checkpoints.html", "job-settings": "_job_settings.html",
+                 "job-plan": "_job_plan.html"}
 
 
 @router.get("/jobs/new")
@@ -301,7 +316,7 @@ def new_job_page(request: Request, db: SessionDep, settings: SettingsDep, projec
 
 
 def _new_job_form(request: Request, db, settings, project: Project, *, values: dict[str, str],
-                  error: InvalidRequest | None = None) -> HTMLResponse:
+                  error: InvalidRequest | None = None, plan: dict | None = None) -> HTMLResponse:
     knobs = forms.knob_fields()
     datasets = [f for f in files_service.page(db, project, purpose="fine-tune", after=None, limit=FILES_PER_PAGE,
                                               order="desc").items if f.status == "processed"]
@@ -311,7 +326,8 @@ def _new_job_form(request: Request, db, settings, project: Project, *, values: d
     error_field = forms.field_for_param(error.param, names) if error else None
     return render(request, "new_job.html", status_code=400 if error else 200, project=project, knobs=knobs,
                   datasets=datasets, base_models=base_models, values=values, error=error, error_field=error_field,
-                  error_message=forms.inline_message(error) if error else None)
+                  error_message=forms.inline_message(error) if error else None,
+                  plan=views.plan_view(plan or (error.extra.get("plan") if error else None)))
 
 
 async def form_values(request: Request) -> dict[str, str]:
@@ -322,24 +338,28 @@ async def form_values(request: Request) -> dict[str, str]:
 @router.post("/jobs/new", dependencies=[CsrfChecked])
 def create_job(request: Request, db: SessionDep, settings: SettingsDep, project: DashboardProject,
                values: Annotated[dict[str, str], Depends(form_values)]) -> Response:
+    check_only = values.get("action") == "plan"
     try:
-        job = jobs_service.create(db, settings, project, forms.job_create(values))
+        created = jobs_service.create(db, settings, project, forms.job_create(values, dry_run=check_only))
     except InvalidRequest as exc:
         return _new_job_form(request, db, settings, project, values=values, error=exc)
-    return _see_other(f"/jobs/{job.id}")
+    if check_only:
+        return _new_job_form(request, db, settings, project, values=values, plan=created.model_dump(mode="json"))
+    return _see_other(f"/jobs/{created.id}")
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str, db: SessionDep, project: DashboardProject) -> HTMLResponse:
+def job_page(request: Request, job_id: str, db: SessionDep, settings: SettingsDep,
+             project: DashboardProject) -> HTMLResponse:
     job = jobs_service.get(db, project, job_id)
     return render(request, "job.html", project=project, poll_url=f"{POLL_PREFIX}/jobs/{quote(job.id)}",
-                  **_job_context(db, project, job))
+                  **_job_context(db, settings, project, job))
 
 
 @router.get(f"{POLL_PREFIX}/jobs/{{job_id}}")
-def job_poll(request: Request, job_id: str, db: SessionDep, project: DashboardProject) -> dict:
+def job_poll(request: Request, job_id: str, db: SessionDep, settings: SettingsDep, project: DashboardProject) -> dict:
     job = jobs_service.get(db, project, job_id)
-    context = _job_context(db, project, job)
+    context = _job_context(db, settings, project, job)
     return {"fragments": {key: fragment(request, template, **context) for key, template in JOB_FRAGMENTS.items()},
             "chart": context["chart"], "status": job.status, "percent": context["row"].percent,
             "done": views.is_finished(job.status)}

@@ -205,3 +205,30 @@ def test_a_csrf_token_is_bound_to_its_session():
     assert not cookies.csrf_valid(second, secret, token)
     assert not cookies.csrf_valid(first, secret, "")
     assert not cookies.csrf_valid(None, secret, token)
+
+
+def test_check_the_plan_before_creating_and_see_it_on_the_job_page(stack, settings, new_page):
+    key = make_project_key(settings)
+    client = openai.OpenAI(base_url=stack.v1, api_key=key.key, max_retries=0)
+    training_file = processed_file(client, support_dataset(24))
+    page = new_page()
+    sign_in(page, stack.url, key.key)
+    page.goto(f"{stack.url}/jobs/new?training_file={training_file}")
+    fill_job_form(page, TINY_MODEL_ID, r="4", epochs="1", batch_size="4", max_seq_length="64", eval_steps="20",
+                  save_steps="60")
+    page.get_by_role("button", name="Check plan").click()
+    plan = page.locator("#job-plan")
+    # r=4 on q_proj (64->64) and v_proj (64->32) of 2 layers: 2 * 4 * (128 + 96) trained weights, exactly.
+    expect(plan).to_contain_text(re.compile(r"1,792 trainable of [\d,]+ parameters"))
+    expect(plan.locator("tr", has_text="cpu")).to_contain_text("yes")
+    expect(plan).to_contain_text("Smallest class that fits: gpu-24g")
+    expect(page.get_by_label("LoRA rank r")).to_have_value("4")  # the form keeps what was typed
+    screenshot(page, "new-job-plan", DESKTOP)
+    assert list(client.fine_tuning.jobs.list()) == []
+
+    page.get_by_role("button", name="Create job").click()
+    expect(page).to_have_url(re.compile(r"/jobs/ftjob-"))
+    expect(page.locator("#job-plan")).to_contain_text(re.compile(r"1,792 trainable of [\d,]+ parameters"))
+    expect(page.locator("#job-plan")).to_contain_text("trains on queue gpu")
+    watch_until_finished(page)
+    expect(page.locator("#job-plan")).to_contain_text(re.compile(r"Peak memory measured: [\d.]+ GiB on cpu"))
