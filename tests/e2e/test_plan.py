@@ -23,6 +23,12 @@ def test_a_dry_run_answers_the_plan_and_creates_nothing(openai_client, http):
     assert plan["n_examples"] == 22 and plan["steps"] == 2 * 6  # 24 less the 10 % held out, batches of 4
     cpu = next(c for c in plan["classes"] if c["name"] == "cpu")
     assert cpu["fits"] and cpu["memory"]["peak"] > 0 and cpu["duration_seconds"] > 0
+    through_sdk = openai_client.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=training_file, method={"type": "supervised", "supervised": {
+            "hyperparameters": BODY["hyperparameters"]}},
+        extra_body={"dry_run": True, "quantization": "none", "lora": {"r": 4}, "max_seq_length": 64}).to_dict()
+    assert through_sdk["object"] == "fine_tuning.job.plan"
+    assert through_sdk["trainable_parameters"] == plan["trainable_parameters"]
     assert list(openai_client.fine_tuning.jobs.list()) == []
 
     job = create_job(openai_client, training_file)
