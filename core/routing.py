@@ -3,6 +3,7 @@
 docs/planning.md states the rules. Torch-free: the API routes every job with it, the worker recovers from OOM with it.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,6 +13,8 @@ from core.planning import GpuClass, Plan, default_gpu_classes, make_plan, parse_
 from core.queue import GPU_QUEUE
 from core.settings import Settings
 from core.spec import JobSpec
+
+log = logging.getLogger("lorajobs.routing")
 
 MAX_OOM_HALVINGS = 2  # per class: then the job moves to the next larger class, or fails
 
@@ -50,7 +53,14 @@ def plan_job(settings: Settings, spec: JobSpec, *, token_stats: dict | None,
     except ModelNotFound as exc:
         raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
     classes = configured_classes(settings) or default_gpu_classes()
-    return make_plan(config, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes)
+    try:
+        return make_plan(config, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes)
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # a config.json the planner misreads
+        log.warning("planning failed; the job is planned as an unknown model", exc_info=True)
+        plan = make_plan({}, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes)
+        plan.model_type = config.get("model_type") or ""
+        plan.notes.append(f"The planner could not read this model's config.json ({type(exc).__name__}: {exc}).")
+        return plan
 
 
 def place(settings: Settings, spec: JobSpec, plan: Plan) -> dict:
