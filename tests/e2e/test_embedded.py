@@ -71,7 +71,7 @@ def test_lorajobs_up_serves_everything_restarts_a_dead_worker_and_stops_cleanly(
             client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
             assert SMOLLM2 in {m.id for m in client.models.list()}
             # The packaged weights are not the official checkpoint, and the catalogue says so.
-            assert "dequantized" in client.models.retrieve(SMOLLM2).model_extra["provenance"]
+            assert "Q4_1 GGUF" in client.models.retrieve(SMOLLM2).model_extra["provenance"]
             rows = [{"messages": [{"role": "user", "content": f"Where is order {i}?"},
                                   {"role": "assistant", "content": f"Order {i} ships tomorrow."}]} for i in range(12)]
             data = "\n".join(json.dumps(r) for r in rows).encode()
