@@ -21,9 +21,9 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
+def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
     """The request's transaction: committed when the handler returns, before the response is sent."""
-    with transaction(settings.database_url) as session:
+    with transaction(settings.database_url, request.app.state.pool) as session:
         yield session
 
 

@@ -2,6 +2,8 @@
 
 import logging
 
+import sqlalchemy.exc
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -58,6 +60,21 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return response
 
 
+DATABASE_RETRY_AFTER_SECONDS = 1
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """No connection to be had (pool exhausted, server out of connection slots, server down): retry shortly.
+
+    The `openai` SDK retries a 503 after Retry-After; the driver's text stays in the log, never in the body.
+    """
+    log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    response = envelope(503, "The service is at capacity or its database is briefly unavailable; retry shortly.",
+                        type_="server_error", code="service_unavailable")
+    response.headers["retry-after"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    return response
+
+
 async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return envelope(500, "The server had an error while processing your request.", type_="server_error",
@@ -68,4 +85,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LorajobsError, _lorajobs_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _database_unavailable)  # the pool's wait ran out
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_unavailable)  # refused, down, restarting
     app.add_exception_handler(Exception, _unhandled)

@@ -3,6 +3,9 @@
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
 
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.datastructures import Headers, MutableHeaders
@@ -13,6 +16,7 @@ from api.routes import dashboard, files, health, jobs, models
 from core.logging import configure_logging, request_id_var
 from core.settings import Settings, get_settings
 from core.storage import get_storage
+from db.session import PoolConfig
 
 log = logging.getLogger("lorajobs.api")
 
@@ -70,14 +74,31 @@ def upload_too_large(scope, headers: Headers, settings: Settings):
     return None
 
 
+def connection_budget(settings: Settings):
+    """A lifespan that runs as many request threads as the process has pooled connections.
+
+    Requests beyond that wait for a thread instead of a connection, so the pool is never the queue; a pool still
+    exhausted (background sends) or a server refusing connections answers 503 with Retry-After (api/errors.py).
+    """
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
+        yield
+
+    return lifespan
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
         title="lorajobs",
         version="0.1.0",
         description="Managed LoRA and QLoRA fine-tuning; a superset of OpenAI's files and fine-tuning API.",
+        lifespan=connection_budget(settings),
     )
     app.state.settings = settings
+    app.state.pool = PoolConfig(settings.db_pool_size, settings.db_pool_timeout)
     app.state.storage = get_storage(settings)
     install_error_handlers(app)
 

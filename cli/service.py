@@ -72,10 +72,17 @@ def cmd_api(args) -> int:
     import uvicorn
 
     from api.main import create_app
+    from db.session import connection_budget_problem
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     workers = args.workers or settings.api_workers
+    problem = connection_budget_problem(settings.database_url, workers, settings.db_pool_size,
+                                        settings.db_reserved_connections)
+    if problem:
+        log.error("refusing to start: %s", problem)
+        print(f"lorajobs api: {problem}", file=sys.stderr)
+        return 2
     # Several processes need an import string; each builds the app from the same environment.
     app = "api.main:create_served_app" if workers > 1 else create_app(settings)
     uvicorn.run(app, factory=workers > 1, workers=workers, host=args.host or settings.host,

@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, description="Port the API binds to.")
     api_workers: int = Field(1, ge=1, description="Processes serving the API (`lorajobs api`); about one per core.")
+    db_pool_size: int = Field(
+        12, ge=1, le=500,
+        description="Database connections each API process keeps open, and the requests it runs at once (no overflow).",
+    )
+    db_pool_timeout: float = Field(
+        3.0, gt=0, description="Seconds a request waits for a free connection before answering 503 with Retry-After."
+    )
+    db_reserved_connections: int = Field(
+        10, ge=0,
+        description="Connections kept free on the server for workers, the sweeper and migrations (start-up budget check).",
+    )
     secret_key: str = Field(
         "dev-insecure-secret-key", description="Signs dashboard sessions and CSRF tokens; must be set in production."
     )

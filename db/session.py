@@ -2,16 +2,30 @@
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 _AFTER_COMMIT = "lorajobs_after_commit"
 
 
-def make_engine(url: str) -> Engine:
+@dataclass(frozen=True)
+class PoolConfig:
+    """A process's connection budget: a fixed pool, no overflow (opening and closing connections per request under
+    load left PostgreSQL counting backends still shutting down and refusing new ones with 'too many clients')."""
+
+    size: int = 4  # workers and the sweeper use a connection or two at a time
+    timeout: float = 30.0
+
+
+WORKER_POOL = PoolConfig()
+
+
+def make_engine(url: str, pool: PoolConfig = PoolConfig()) -> Engine:
     """An engine; SQLite gets WAL and a busy timeout because the API and the worker write at once."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -34,16 +48,16 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool.size, max_overflow=0, pool_timeout=pool.timeout)
 
 
 @lru_cache
-def _session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(make_engine(url), expire_on_commit=False)
+def _session_factory(url: str, pool: PoolConfig) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(url, pool), expire_on_commit=False)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return _session_factory(url)
+def session_factory(url: str, pool: PoolConfig = WORKER_POOL) -> sessionmaker[Session]:
+    return _session_factory(url, pool)
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:
@@ -64,9 +78,10 @@ def _drop_after_commit(session: Session) -> None:
 
 
 @contextmanager
-def transaction(url: str) -> Iterator[Session]:
-    """A session whose transaction commits when the block ends and rolls back on error."""
-    session = _session_factory(url)()
+def transaction(url: str, pool: PoolConfig = WORKER_POOL) -> Iterator[Session]:
+    """A session whose transaction commits when the block ends and rolls back on error; `pool` sizes its engine
+    (the API passes its own, sized to the requests it runs at once)."""
+    session = _session_factory(url, pool)()
     try:
         yield session
         session.commit()
@@ -75,3 +90,29 @@ def transaction(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def connection_budget_problem(url: str, processes: int, pool_size: int, reserved: int) -> str | None:
+    """Why `processes` API processes of `pool_size` connections cannot fit the PostgreSQL server, or None.
+
+    The rule (docs/deployment.md): processes x pool <= max_connections - superuser_reserved_connections - reserved,
+    the last being what workers, the sweeper and migrations keep.
+    """
+    if not url.startswith("postgresql"):
+        return None
+    from sqlalchemy import text
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            server = int(conn.execute(text("SHOW max_connections")).scalar_one())
+            superuser = int(conn.execute(text("SHOW superuser_reserved_connections")).scalar_one())
+    finally:
+        engine.dispose()
+    available = server - superuser - reserved
+    if processes * pool_size <= available:
+        return None
+    return (f"{processes} API processes x LORAJOBS_DB_POOL_SIZE {pool_size} = {processes * pool_size} connections, but "
+            f"the server allows {server} (max_connections) - {superuser} (superuser_reserved_connections) - {reserved} "
+            f"(LORAJOBS_DB_RESERVED_CONNECTIONS) = {available}. Lower the pool or the processes, raise max_connections, "
+            "or put PgBouncer in front (docs/deployment.md).")
