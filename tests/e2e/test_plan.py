@@ -113,4 +113,6 @@ def test_jobs_route_to_the_smallest_class_that_fits_and_recover_from_out_of_memo
     assert "micro-batch 1 and 4 accumulation steps (the same batch of 4)" in halvings[1]
     assert done.model_extra["attempts"] == 1  # OOM retries spend no attempts
     assert done.model_extra["placement"]["micro_batch_size"] == 1
+    started = [e.message for e in events if e.message.startswith("Training ") and " examples on " in e.message]
+    assert "(micro-batch 4 × 1)" in started[0] and "(micro-batch 1 × 4)" in started[-1]  # the worker followed it
     assert done.model_extra["resolved_hyperparameters"]["batch_size"] == 4
