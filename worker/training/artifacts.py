@@ -101,7 +101,7 @@ def served_lines(served: dict | None) -> list[str]:
     if not served:
         return []
     base = "the dequantized 4-bit base" if served["merge_base"] == "dequantized_4bit" else "the full-precision base"
-    return [f"The merged export folds the adapter into {base}: it scores better of the two merges.", ""]
+    return [f"The merged export folds the adapter into {base}, the better-scoring of the two merges.", ""]
 
 
 def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult) -> None:
