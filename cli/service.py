@@ -78,7 +78,7 @@ def cmd_api(args) -> int:
     configure_logging(settings.log_level, settings.log_json)
     workers = args.workers or settings.api_workers
     problem = connection_budget_problem(settings.database_url, workers, settings.db_pool_size,
-                                        settings.db_reserved_connections)
+                                        settings.db_reserved_connections, settings.db_max_connections)
     if problem:
         log.error("refusing to start: %s", problem)
         print(f"lorajobs api: {problem}", file=sys.stderr)

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(
         3.0, gt=0, description="Seconds a request waits for a free connection before answering 503 with Retry-After."
     )
+    db_max_connections: int | None = Field(
+        None, ge=1,
+        description="Connections the server accepts, for the start-up budget check; unset reads PostgreSQL's max_connections.",
+    )
     db_reserved_connections: int = Field(
         10, ge=0,
         description="Connections kept free on the server for workers, the sweeper and migrations (start-up budget check).",

@@ -92,23 +92,28 @@ def transaction(url: str, pool: PoolConfig = WORKER_POOL) -> Iterator[Session]:
         session.close()
 
 
-def connection_budget_problem(url: str, processes: int, pool_size: int, reserved: int) -> str | None:
+def connection_budget_problem(url: str, processes: int, pool_size: int, reserved: int,
+                               max_connections: int | None = None) -> str | None:
     """Why `processes` API processes of `pool_size` connections cannot fit the PostgreSQL server, or None.
 
     The rule (docs/deployment.md): processes x pool <= max_connections - superuser_reserved_connections - reserved,
-    the last being what workers, the sweeper and migrations keep.
+    the last being what workers, the sweeper and migrations keep. A given `max_connections` (PgBouncer's
+    max_client_conn, behind which the server's own limit does not apply) replaces the server's pair.
     """
     if not url.startswith("postgresql"):
         return None
-    from sqlalchemy import text
+    if max_connections is not None:
+        server, superuser = max_connections, 0
+    else:
+        from sqlalchemy import text
 
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            server = int(conn.execute(text("SHOW max_connections")).scalar_one())
-            superuser = int(conn.execute(text("SHOW superuser_reserved_connections")).scalar_one())
-    finally:
-        engine.dispose()
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                server = int(conn.execute(text("SHOW max_connections")).scalar_one())
+                superuser = int(conn.execute(text("SHOW superuser_reserved_connections")).scalar_one())
+        finally:
+            engine.dispose()
     available = server - superuser - reserved
     if processes * pool_size <= available:
         return None

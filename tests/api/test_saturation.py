@@ -60,6 +60,8 @@ def test_the_start_up_budget_check_names_the_numbers(pg_url):
     problem = connection_budget_problem(pg_url, processes=8, pool_size=50, reserved=10)
     assert problem.startswith("8 API processes x LORAJOBS_DB_POOL_SIZE 50 = 400 connections, but the server allows")
     assert "PgBouncer" in problem
+    # Behind PgBouncer the limit is its max_client_conn, given in settings instead of read from the server.
+    assert connection_budget_problem(pg_url, processes=8, pool_size=50, reserved=10, max_connections=2000) is None
 
 
 def test_lorajobs_api_refuses_to_start_over_the_budget(settings):
