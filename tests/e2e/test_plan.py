@@ -116,3 +116,26 @@ def test_jobs_route_to_the_smallest_class_that_fits_and_recover_from_out_of_memo
     started = [e.message for e in events if e.message.startswith("Training ") and " examples on " in e.message]
     assert "(micro-batch 4 × 1)" in started[0] and "(micro-batch 1 × 4)" in started[-1]  # the worker followed it
     assert done.model_extra["resolved_hyperparameters"]["batch_size"] == 4
+
+
+def test_a_job_waiting_for_its_file_is_routed_once_validated_and_fails_if_it_fits_no_class(settings):
+    mine = settings.model_copy(update={"broker_prefix": settings.broker_prefix + "small:", "gpu_classes": "gpu-small:0.5"})
+    api = ApiServer(mine).start()
+    cpu = WorkerProcess(mine, "cpu", TEST_OUTPUT / "logs" / "small-worker-cpu.log").start()
+    try:
+        key = make_project_key(mine)
+        client = openai.OpenAI(base_url=api.url + "/v1", api_key=key.key, max_retries=0)
+        uploaded = client.files.create(file=("train.jsonl", support_dataset(24)), purpose="fine-tune")
+        try:
+            job = create_job(client, uploaded.id)
+        except openai.BadRequestError as refused:  # the file was validated first: refused at once instead
+            assert refused.code == "does_not_fit"
+            return
+        assert job.status == "validating_files"
+        assert any("still being validated" in note for note in job.model_extra["plan"]["notes"])
+        failed = wait_status(client, job.id, timeout=60)
+    finally:
+        cpu.stop()
+        api.stop()
+    assert failed.status == "failed" and failed.error.code == "does_not_fit"
+    assert "gpu-small" in failed.error.message
