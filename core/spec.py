@@ -114,6 +114,10 @@ class OptimizationSection(BaseModel):
     micro_batch_size: int | None = Field(
         None, ge=1, description="Examples per forward pass; batch_size / micro_batch_size is gradient accumulation."
     )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass (less memory, about a third more compute); "
+        "null: as the job's plan chooses for its GPU class. 4-bit bases are always checkpointed."
+    )
     learning_rate: float | None = Field(
         None, gt=0.0, le=1.0, description="Explicit peak learning rate; excludes learning_rate_multiplier."
     )
@@ -163,6 +167,11 @@ class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection)
                     "JobSpec", "micro_batch_size", self.micro_batch_size,
                     f"must divide batch_size ({self.batch_size}) exactly",
                 )
+        if self.quantization != "none" and self.gradient_checkpointing is False:
+            raise _refuse(
+                "JobSpec", "gradient_checkpointing", False,
+                "4-bit bases are always checkpointed (prepare_model_for_kbit_training); use quantization 'none'",
+            )
         if self.quantization == "none" and self.compute_dtype == "float16":
             raise _refuse(
                 "JobSpec", "compute_dtype", self.compute_dtype,

@@ -250,7 +250,8 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
     try:
         result = train(job.spec, train_path, valid_path, work / "out", hooks, models_dir=settings.models_dir,
                        resume_from=resume_from, micro_batch_size=job.placement.get("micro_batch_size"),
-                       gradient_checkpointing=job.placement.get("gradient_checkpointing"))
+                       gradient_checkpointing=job.placement.get("gradient_checkpointing",
+                                                                job.spec.gradient_checkpointing))
     except Exception as exc:
         _settle_failure(settings, job, owner, exc)
         return

@@ -121,8 +121,11 @@ def _plan_class(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, hp: Re
                 gpu: GpuClass, lengths: Lengths, training_tokens: int | None) -> ClassPlan:
     """The largest micro-batch that fits, without gradient checkpointing if any does (it costs a third forward)."""
     candidates = _micro_batch_candidates(hp)
-    # The worker always checkpoints 4-bit models (prepare_model_for_kbit_training).
-    modes = [True] if spec.quantization != "none" else [False, True]
+    # The worker always checkpoints 4-bit models (prepare_model_for_kbit_training); a spec may fix the choice.
+    if spec.quantization != "none":
+        modes = [True]
+    else:
+        modes = [spec.gradient_checkpointing] if spec.gradient_checkpointing is not None else [False, True]
     options = [(micro, checkpointing) for checkpointing in modes for micro in candidates]
     capacity = gpu.memory_gib * GIB
     for micro, checkpointing in options:

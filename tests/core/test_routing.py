@@ -125,3 +125,22 @@ def test_the_prediction_compared_with_the_measured_peak_is_the_class_that_ran():
     assert predicted_peak(None, {}, "cpu") is None
     assert planned_seconds(plan, {"class": "gpu-24g"}) == next(
         c["duration_seconds"] for c in plan["classes"] if c["name"] == "gpu-24g")
+
+
+def test_a_spec_s_gradient_checkpointing_is_what_the_plan_and_the_class_use():
+    stats = {"count": 1000, "mean": 3000.0, "p95": 4096, "max": 4096}
+    settings = Settings(gpu_classes=CLASSES)
+    placed = {}
+    for choice in (None, False, True):
+        spec = _spec(quantization="none", max_seq_length=4096, gradient_checkpointing=choice)
+        plan = make_plan(LLAMA_2_7B, spec, token_stats=stats, gpu_classes=configured_classes(settings))
+        assert all(c.gradient_checkpointing is choice for c in plan.classes) or choice is None
+        placed[choice] = place(settings, spec, plan)
+    # At Llama-2's full context a bf16 7B fits 24 GB only with checkpointing; forbidden, it goes to a larger class.
+    assert placed[None]["class"] == placed[True]["class"] == "gpu-24g" and placed[True]["gradient_checkpointing"]
+    assert placed[False]["class"] != "gpu-24g" and placed[False]["gradient_checkpointing"] is False
+
+
+def test_a_4_bit_job_cannot_turn_checkpointing_off():
+    with pytest.raises(ValueError, match="always checkpointed"):
+        _spec(quantization="nf4", gradient_checkpointing=False)
