@@ -36,8 +36,8 @@ def register(sub) -> None:
     parser.add_argument("--examples", type=int, help="Training examples (after the validation split).")
     parser.add_argument("--mean-tokens", type=float, help="Mean tokens per example: gives tokens and durations.")
     parser.add_argument("--max-tokens", type=int, help="Tokens of the longest example (default: max_seq_length).")
-    parser.add_argument("--gpu-classes", help="NAME[:MEMORY_GIB[:TFLOPS]],... (default: gpu-24g, gpu-48g, gpu-80g, "
-                                              "gpu-141g and this machine's CPU).")
+    parser.add_argument("--gpu-classes", help="NAME[:MEMORY_GIB[:TFLOPS]],... (default: LORAJOBS_GPU_CLASSES, else "
+                                              "gpu-24g, gpu-48g, gpu-80g, gpu-141g and this machine's CPU).")
     parser.add_argument("--json", action="store_true", help="Print the plan object as JSON.")
     parser.set_defaults(handler=cmd_plan)
 
@@ -78,7 +78,8 @@ def cmd_plan(args) -> int:
             config_file, model_id = resolve_model(models_dir, args.model).path / "config.json", args.model
         config = json.loads(config_file.read_text())
         spec = _spec(args, model_id)
-        classes = parse_gpu_classes(args.gpu_classes) if args.gpu_classes else default_gpu_classes()
+        configured = args.gpu_classes or get_settings().gpu_classes  # the deployment's classes, as the API plans
+        classes = parse_gpu_classes(configured) if configured else default_gpu_classes()
         plan = make_plan(config, spec, token_stats=_token_stats(args, spec), n_examples=args.examples,
                          gpu_classes=classes)
     except LorajobsError as error:
