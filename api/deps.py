@@ -1,12 +1,15 @@
 """Shared dependencies as `Annotated` aliases named for their role."""
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.errors import BUSY_MESSAGE
 from api.services.projects import authenticate
+from core.errors import DatabaseBusy
 from core.settings import Settings
 from core.storage import Storage
 from db.models import Project
@@ -21,7 +24,27 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+async def database_slot(request: Request) -> AsyncIterator[None]:
+    """One of the process's `db_pool_size` slots, held from the session's start to its end.
+
+    A session keeps its connection between the request's thread hops, and closing it needs a thread of its own:
+    bounding threads alone let more requests than connections start, and they then waited on the pool while
+    the requests that held it waited for a thread to close. Waiting here costs neither; past the pool timeout
+    the request answers 503 with Retry-After.
+    """
+    slots: asyncio.Semaphore = request.app.state.db_slots
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout=request.app.state.pool.timeout)
+    except TimeoutError:
+        raise DatabaseBusy(BUSY_MESSAGE) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def get_session(request: Request, settings: SettingsDep,
+                _slot: Annotated[None, Depends(database_slot, scope="function")]) -> Iterator[Session]:
     """The request's transaction: committed when the handler returns, before the response is sent."""
     with transaction(settings.database_url, request.app.state.pool) as session:
         yield session

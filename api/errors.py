@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import LorajobsError
+from core.errors import DatabaseBusy, LorajobsError
 
 log = logging.getLogger("lorajobs.api")
 
@@ -37,8 +37,11 @@ def _validation_message(error: dict) -> str:
 async def _lorajobs_error(_request: Request, exc: LorajobsError) -> JSONResponse:
     if exc.status_code >= 500:
         log.error("server error: %s", exc.message)
-    return envelope(exc.status_code, exc.message, type_=exc.error_type, param=exc.param, code=exc.code,
-                    retry=False if not exc.retryable else None, extra=exc.extra)
+    response = envelope(exc.status_code, exc.message, type_=exc.error_type, param=exc.param, code=exc.code,
+                        retry=False if not exc.retryable else None, extra=exc.extra)
+    if exc.retry_after is not None:
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -60,7 +63,7 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return response
 
 
-DATABASE_RETRY_AFTER_SECONDS = 1
+BUSY_MESSAGE = "The service is at capacity or its database is briefly unavailable; retry shortly."
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -69,10 +72,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     The `openai` SDK retries a 503 after Retry-After; the driver's text stays in the log, never in the body.
     """
     log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-    response = envelope(503, "The service is at capacity or its database is briefly unavailable; retry shortly.",
-                        type_="server_error", code="service_unavailable")
-    response.headers["retry-after"] = str(DATABASE_RETRY_AFTER_SECONDS)
-    return response
+    return await _lorajobs_error(request, DatabaseBusy(BUSY_MESSAGE))
 
 
 async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:

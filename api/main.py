@@ -3,9 +3,8 @@
 import logging
 import time
 import uuid
+import asyncio
 from contextlib import asynccontextmanager
-
-import anyio.to_thread
 
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.datastructures import Headers, MutableHeaders
@@ -75,15 +74,11 @@ def upload_too_large(scope, headers: Headers, settings: Settings):
 
 
 def connection_budget(settings: Settings):
-    """A lifespan that runs as many request threads as the process has pooled connections.
-
-    Requests beyond that wait for a thread instead of a connection, so the pool is never the queue; a pool still
-    exhausted (background sends) or a server refusing connections answers 503 with Retry-After (api/errors.py).
-    """
+    """A lifespan that gives the process `db_pool_size` database slots (api/deps.py `database_slot`)."""
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
+    async def lifespan(app: FastAPI):
+        app.state.db_slots = asyncio.Semaphore(settings.db_pool_size)
         yield
 
     return lifespan

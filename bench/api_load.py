@@ -1,11 +1,13 @@
 """API latency and throughput with 10,000 jobs in PostgreSQL, beside a bare FastAPI endpoint; dispatch latency.
 
-    .venv/bin/python -m bench.api_load [--pg URL] [--redis URL] [--workers 2]
+    .venv/bin/python -m bench.api_load [--pg URL] [--redis URL] [--workers 2] [--clients 64,128] [--rounds 3]
 
 Runs the real API (`lorajobs api --workers N`) and a bare FastAPI app served the same way (uvicorn, N
-processes), drives each with 64 concurrent connections from `wrk` (Debian's package: a C load
-generator, so the client does not eat the server's CPU as a Python one would), and prints p50/p99
-latency, requests/s and the ratio to the bare endpoint. Then measures create -> running on an idle worker.
+processes), drives each with 64 and 128 concurrent connections from `wrk` (Debian's package: a C load
+generator, so the client does not eat the server's CPU as a Python one would), in interleaved rounds, and
+prints the median requests/s, p50/p99 latency with their spread, and the ratio to the bare endpoint. Any
+non-2xx response fails the run loudly, with its count of 503s and of other 5xx. Then measures create ->
+running on an idle worker.
 """
 
 import argparse
@@ -62,16 +64,40 @@ def _millis(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def load(url: str, key: str | None, connections: int, seconds: int) -> dict:
-    """wrk's requests/s and latency percentiles for GETs of `url`; every response must be 2xx."""
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+# wrk runs one Lua state per thread: `done` sums the threads' counts of 503s and other 5xx.
+STATUS_COUNTER = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) s503 = 0; s5xx = 0 end
+function response(status, headers, body)
+  if status == 503 then s503 = s503 + 1 elseif status >= 500 then s5xx = s5xx + 1 end
+end
+function done(summary, latency, requests)
+  local a, b = 0, 0
+  for _, t in ipairs(threads) do a = a + t:get("s503"); b = b + t:get("s5xx") end
+  io.write(string.format("status_503 %d\\nstatus_other_5xx %d\\n", a, b))
+end
+"""
+
+
+def load(url: str, key: str | None, connections: int, seconds: int, script: Path) -> dict:
+    """wrk's requests/s and latency percentiles for GETs of `url`; any non-2xx response fails the run."""
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
     if key:
         command[1:1] = ["-H", f"Authorization: Bearer {key}"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    assert "Non-2xx" not in out, out
-    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    counts = {name: int(n) for name, n in re.findall(r"^(status_503|status_other_5xx) (\d+)$", out, re.M)}
+    if "Non-2xx" in out or any(counts.values()):
+        raise SystemExit(f"FAILED: non-2xx responses from {url} at {connections} connections {counts}:\n{out}")
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
+    if len(percentiles) != 2:
+        raise SystemExit(f"FAILED: wrk printed no latency distribution for {url}:\n{out}")
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50_ms": _millis(percentiles["50"]), "p99_ms": _millis(percentiles["99"])}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
 def dispatch_latency(api_url: str, key: str, database_url: str, env: dict, runs: int, work: Path) -> list[float]:
@@ -109,7 +135,8 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--clients", default="64,128", help="Concurrent connections, comma-separated.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds over every endpoint.")
     parser.add_argument("--seconds", type=int, default=10, help="Load per endpoint.")
     parser.add_argument("--workers", type=int, default=2, help="Server processes, for ours and the bare app.")
     parser.add_argument("--dispatch-runs", type=int, default=10)
@@ -139,17 +166,26 @@ def main() -> None:
         api, bare = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{bare_port}"
         wait_http(api + "/healthz")
         wait_http(bare + "/bare")
+        script = work / "status.lua"
+        script.write_text(STATUS_COUNTER)
+        clients = [int(c) for c in args.clients.split(",")]
         print(f"{args.jobs:,} jobs in PostgreSQL; {args.clients} concurrent connections (wrk); {args.seconds} s each; "
-              f"{args.workers} server processes\n")
-        results = {}
-        for name, url, auth in (("bare FastAPI endpoint", bare + "/bare", None),
-                                ("GET /v1/fine_tuning/jobs/{id}", f"{api}/v1/fine_tuning/jobs/{job_id}", key),
-                                ("GET /v1/fine_tuning/jobs?limit=20", f"{api}/v1/fine_tuning/jobs?limit=20", key)):
-            results[name] = load(url, auth, args.clients, args.seconds)
-        base = results["bare FastAPI endpoint"]["rps"]
-        print(f"{'endpoint':<36} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8}")
-        for name, r in results.items():
-            print(f"{name:<36} {r['rps']:8.0f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['rps'] / base:8.2f}")
+              f"{args.workers} server processes; {args.rounds} interleaved rounds (median, min–max)\n")
+        endpoints = (("bare FastAPI endpoint", bare + "/bare", None),
+                     ("GET /v1/fine_tuning/jobs/{id}", f"{api}/v1/fine_tuning/jobs/{job_id}", key),
+                     ("GET /v1/fine_tuning/jobs?limit=20", f"{api}/v1/fine_tuning/jobs?limit=20", key))
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for _ in range(args.rounds):
+            for connections in clients:
+                for name, url, auth in endpoints:
+                    runs.setdefault((name, connections), []).append(load(url, auth, connections, args.seconds, script))
+        print(f"{'endpoint':<36} {'conns':>5} {'req/s':>22} {'p50 ms':>22} {'p99 ms':>22} {'vs bare':>8}")
+        for (name, connections), samples in runs.items():
+            base = statistics.median(r["rps"] for r in runs[("bare FastAPI endpoint", connections)])
+            rps = [r["rps"] for r in samples]
+            print(f"{name:<36} {connections:>5} {spread(rps):>22} {spread([r['p50_ms'] for r in samples]):>22} "
+                  f"{spread([r['p99_ms'] for r in samples]):>22} {statistics.median(rps) / base:8.2f}")
+        print("\nno non-2xx response in any round")
         samples = dispatch_latency(api, key, database_url, env, args.dispatch_runs, work)
         print(f"\ndispatch create -> running on an idle worker ({len(samples)} runs): "
               f"p50 {statistics.median(samples) * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms")

@@ -6,6 +6,7 @@ class LorajobsError(Exception):
     error_type = "invalid_request_error"
     code: str | None = None
     retryable = True  # sets `x-should-retry: false` when False
+    retry_after: int | None = None  # seconds, sent as `Retry-After` (the `openai` SDK honours it)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -47,6 +48,12 @@ class ServiceUnavailable(LorajobsError):
     status_code = 503
     error_type = "server_error"
     code = "service_unavailable"
+
+
+class DatabaseBusy(ServiceUnavailable):
+    """No database connection to be had in time: the service is at capacity or its database briefly away."""
+
+    retry_after = 1
 
 
 class StorageError(LorajobsError):

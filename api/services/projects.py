@@ -90,7 +90,9 @@ def authenticate_key_hash(session: Session, key_hash: str, *, shown: str = "…"
     if project is None:
         _active_keys.pop(key_hash, None)
         raise AuthenticationError(f"Incorrect API key provided: {shown}")
-    _active_keys[key_hash] = (time.monotonic() + AUTH_CACHE_SECONDS, project)
+    # A copy outside any session: a rollback expires a session's instances, and the cache outlives the session.
+    snapshot = Project(seq=project.seq, id=project.id, name=project.name, created_at=project.created_at)
+    _active_keys[key_hash] = (time.monotonic() + AUTH_CACHE_SECONDS, snapshot)
     return project
 
 
