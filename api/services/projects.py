@@ -75,24 +75,11 @@ def authenticate(session: Session, key: str | None) -> Project:
     return authenticate_key_hash(session, hash_key(key), shown=shown)
 
 
-# Keys seen active in the last few seconds: a poll costs its own query only, not an auth query too. A revocation
-# clears this process's entries at once; other processes stop accepting the key within AUTH_CACHE_SECONDS.
-AUTH_CACHE_SECONDS = 5.0
-_active_keys: dict[str, tuple[float, Project]] = {}
-
-
 def authenticate_key_hash(session: Session, key_hash: str, *, shown: str = "…") -> Project:
     """The project of the active key with this sha256 (the dashboard's session holds the hash), or a 401."""
-    cached = _active_keys.get(key_hash)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1]
     project = repo.get_project_by_active_key_hash(session, key_hash)
     if project is None:
-        _active_keys.pop(key_hash, None)
         raise AuthenticationError(f"Incorrect API key provided: {shown}")
-    # A copy outside any session: a rollback expires a session's instances, and the cache outlives the session.
-    snapshot = Project(seq=project.seq, id=project.id, name=project.name, created_at=project.created_at)
-    _active_keys[key_hash] = (time.monotonic() + AUTH_CACHE_SECONDS, snapshot)
     return project
 
 
@@ -111,5 +98,4 @@ def revoke_key(session: Session, key_id_or_prefix: str) -> ApiKey:
     if len(matches) != 1:
         raise NotFound(f"No single API key with id or prefix '{key_id_or_prefix}'.", param="key")
     matches[0].revoked_at = matches[0].revoked_at or time.time()
-    _active_keys.pop(matches[0].key_hash, None)
     return matches[0]
