@@ -115,7 +115,7 @@ def render(plan: Plan, spec: JobSpec) -> str:
     if plan.trainable_parameters is not None:
         lines.append(f"{plan.model} ({plan.model_type}): {plan.trainable_parameters:,} trainable of "
                      f"{plan.total_parameters:,} parameters ({plan.trainable_percent} %); LoRA r={spec.lora.r} on "
-                     f"{', '.join(plan.adapted_modules)} in {plan.adapted_layers} layers")
+                     f"{', '.join(plan.adapted_modules)} ({plan.adapted_layers} adapted linear layers)")
     else:
         lines.append(f"{plan.model} ({plan.model_type or 'unknown type'})")
     base = "LoRA, bf16 base (fp32 on a CPU)" if plan.quantization == "none" else \
