@@ -46,12 +46,16 @@ def queue_of(gpu: GpuClass) -> str:
 
 
 def plan_job(settings: Settings, spec: JobSpec, *, token_stats: dict | None,
-             n_examples: int | None) -> Plan:
-    """The job's plan for the configured classes (without any: the default GPU classes and this CPU, for information)."""
-    try:
-        config = model_config(resolve_model(settings.models_dir, spec.model))
-    except ModelNotFound as exc:
-        raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
+             n_examples: int | None, config: dict | None = None) -> Plan:
+    """The job's plan for the configured classes (without any: the default GPU classes and this CPU, for information).
+
+    `config` is the model's config.json when the caller has read it already; otherwise it is read here.
+    """
+    if config is None:
+        try:
+            config = model_config(resolve_model(settings.models_dir, spec.model))
+        except ModelNotFound as exc:
+            raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
     classes = configured_classes(settings) or default_gpu_classes()
     try:
         return make_plan(config, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes)

@@ -56,10 +56,11 @@ def resolve_hyperparameters(job: Job, training_file: File) -> None:
     job.hyperparameters = resolve_auto(spec, examples).model_dump()
 
 
-def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_validation: bool):
+def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_validation: bool,
+         config: dict | None = None):
     """The job's pre-flight plan from what the training file's report knows so far (core/planning)."""
     stats = ((training_file.report or {}).get("token_stats") or {}).get(spec.model)
-    made = routing.plan_job(settings, spec, token_stats=stats,
+    made = routing.plan_job(settings, spec, token_stats=stats, config=config,
                             n_examples=training_examples(spec, training_file, separate_validation=separate_validation))
     if training_file.status != "processed":
         made.notes.append(f"The training file {training_file.id} is still being validated: the plan counts no "

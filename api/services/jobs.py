@@ -76,15 +76,16 @@ def build_spec(body: JobCreate) -> JobSpec:
         raise InvalidRequest(f"{param}: {message}" if param else message, param=param) from None
 
 
-def check_model_fit(spec: JobSpec, model: CatalogueModel) -> None:
+def check_model_fit(spec: JobSpec, model: CatalogueModel) -> dict:
     """Refuse, before anything queues, adapter layers the model lacks, a 4-bit base transformers cannot make and a
-    chat template the model does not have."""
+    chat template the model does not have; returns the model's config.json for the planner to reuse."""
     config = model_config(model)
     resolve_targets(config, spec.lora.target_modules)
     check_quantization(config, spec.quantization)
     if spec.chat_template == "model" and not has_chat_template(model.path):
         raise InvalidRequest(f"The model '{model.id}' has no chat template; use chat_template 'plain' or 'chatml' "
                              "(or 'auto').", param="chat_template", code="no_chat_template")
+    return config
 
 
 def _usable_file(session: Session, project: Project, file_id: str, param: str) -> File:
@@ -126,13 +127,13 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
         model = resolve_model(settings.models_dir, spec.model)
     except ModelNotFound as exc:
         raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
-    check_model_fit(spec, model)
+    config = check_model_fit(spec, model)
     training = _usable_file(session, project, body.training_file, "training_file")
     validation = _usable_file(session, project, body.validation_file, "validation_file") \
         if body.validation_file else None
     _check_trainable(training.report, spec, "training_file")
     ready = all(f.status == "processed" for f in (training, validation) if f is not None)
-    plan = lifecycle.plan(settings, spec, training, separate_validation=validation is not None)
+    plan = lifecycle.plan(settings, spec, training, separate_validation=validation is not None, config=config)
     placement = routing.place(settings, spec, plan) if ready else None
     if placement is not None and placement.get("class"):
         _note_unserved(settings, plan, placement)
