@@ -1,15 +1,15 @@
-"""jobs and files always reach a final state (placeholder: filled in by the work on issue 11)
+"""quotas, file deletion, OpenAI surface (placeholder: filled in by the work on issue 12)
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01 11:15:00
 """
 
 import sqlalchemy as sa  # noqa: F401
 from alembic import op  # noqa: F401
 
-revision = "0004"
-down_revision = "0003"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
