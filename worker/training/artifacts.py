@@ -33,6 +33,7 @@ class TrainingResult:
     chat_template: str = "model"  # the template the adapter was trained with (saved beside it)
     base_provenance: str | None = None  # where the base's weights came from, when not the hub's checkpoint
     library_versions: dict = field(default_factory=dict)
+    train_seconds: float | None = None  # wall clock around the Trainer's train(), setup excluded (benchmarks compare it)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -4,6 +4,7 @@ load data -> tokenize (format inside) -> pack (the collator) -> load model -> at
 evaluate -> save. Knows nothing of Celery: the caller's `TrainingHooks` are its only outside contact.
 """
 
+import time
 from functools import partial
 from pathlib import Path
 
@@ -105,11 +106,13 @@ def build_trainer(spec, hp, model, tokenizer, train_data, collator, checkpoints_
     return trainer
 
 
-def run_training(trainer, spec: JobSpec, resume_from: Path | None) -> None:
-    """Train: guard the 4-bit layout, then run (or resume) the Trainer."""
+def run_training(trainer, spec: JobSpec, resume_from: Path | None) -> float:
+    """Train: guard the 4-bit layout, then run (or resume) the Trainer; return the wall-clock seconds of `train()`."""
     if spec.quantization != "none":
         check_4bit_layout(trainer.model)
+    start = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return time.monotonic() - start
 
 
 def evaluate_baseline_and_final(model, evaluate) -> tuple[dict | None, dict | None]:
@@ -226,7 +229,7 @@ def train(
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute_description(spec, device)}.")
-    run_training(trainer, spec, resume_from)
+    train_seconds = run_training(trainer, spec, resume_from)
     state = trainer.state
 
     status = "cancelled" if callback.cancelled else "succeeded"
@@ -254,6 +257,7 @@ def train(
         trained_tokens=state.num_input_tokens_seen,
         steps=state.global_step,
         total_steps=state.max_steps,
+        train_seconds=round(train_seconds, 3),
         hyperparameters=hp.model_dump(),
         baseline_eval=baseline,
         final_eval=final,
