@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(120, description="A running job's lease; a worker renews it while training.")
     sweep_interval_seconds: float = Field(15.0, description="How often the sweep looks for expired leases.")
     max_attempts: int = Field(3, description="A job whose worker was lost this many times fails.")
+    resend_backoff_max_seconds: float = Field(
+        600.0, gt=0, description="Longest wait between two resends of a message no worker took (the wait doubles).")
+    validation_resend_seconds: float = Field(
+        300.0, gt=0, description="A file still `uploaded` this long after its validation was sent is sent again.")
+    merge_resend_seconds: float = Field(
+        1800.0, gt=0, description="A merge still pending this long after it was asked for is sent again.")
+    gc_grace_seconds: float = Field(
+        86400.0, gt=0, description="Age after which an object without a row, an incomplete upload or a dead "
+        "worker's folder is garbage.")
+    gc_interval_seconds: float = Field(
+        3600.0, ge=0, description="How often the sweeper collects garbage (0: only `lorajobs gc`).")
     gpu_classes: str = Field(
         "", description="GPU classes jobs are routed to, `NAME[:MEMORY_GIB[:TFLOPS]],...` (e.g. `gpu-24g,gpu-80g`): "
         "one Celery queue each, a job goes to the smallest that fits it; empty: every job on the `gpu` queue."

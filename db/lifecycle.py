@@ -2,6 +2,7 @@
 
 import time
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from core import queue, routing
@@ -10,6 +11,7 @@ from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec, resolve_auto
 from core.storage import Storage
+from db.clock import db_now
 from db.models import File, Job, JobEvent
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
@@ -90,7 +92,7 @@ def add_event(session: Session, job: Job, message: str, *, level: str = "info", 
 def enqueue(session: Session, settings: Settings, job: Job) -> None:
     """Mark queued and send the task once committed; the sweep resends it if the message is lost."""
     job.status = "queued"
-    job.lease_expires_at = time.time() + settings.lease_seconds
+    job.lease_expires_at = db_now(session) + settings.lease_seconds
     placement = job.placement or {}
     where = f" on {placement['class']} (queue {placement['queue']})" if placement.get("class") else ""
     add_event(session, job, f"Job queued for training{where}", data=placement or None)
@@ -116,6 +118,29 @@ def promote_waiting_jobs(session: Session, settings: Settings, file_row: File) -
                 fail(session, job, exc.code, exc.message, param=exc.param)
                 continue
             enqueue(session, settings, job)
+
+
+def resend_delay(settings: Settings, first: float, resends: int) -> float:
+    """How long after its `resends`-th resend a message is sent again: `first`, doubling, at most the setting's cap
+    (a broker that stays down is not flooded; one that returns is used within the cap)."""
+    return min(first * 2 ** min(resends, 30), settings.resend_backoff_max_seconds)
+
+
+def unrunnable(session: Session, job: Job) -> tuple[str, str, str | None] | None:
+    """Why a queued job can never be claimed — (code, message, param) — or None: what the claim reads must exist
+    and its stored spec must still validate (a schema that changed in an upgrade may reject it)."""
+    try:
+        JobSpec.model_validate(job.spec)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or None
+        return ("invalid_spec", f"The job's stored spec is no longer valid for this version of lorajobs "
+                f"({where or 'spec'}: {first.get('msg')}); create the job again with a valid spec.", where)
+    for param, file_id in (("training_file", job.training_file_id), ("validation_file", job.validation_file_id)):
+        if file_id and files_repo.get_any(session, file_id) is None:
+            return ("invalid_file", f"{param} {file_id} no longer exists; create the job again with a file that "
+                    "does.", param)
+    return None
 
 
 def fail(session: Session, job: Job, code: str, message: str, *, param: str | None = None) -> None:

@@ -52,6 +52,9 @@ class File(Base):
     status_details: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Double)
+    # Validation messages the sweep sent again (lost by the broker), and when it sends the next one if still uploaded.
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    resend_at: Mapped[float | None] = mapped_column(Double)
 
 
 class Job(Base):
@@ -93,6 +96,8 @@ class Job(Base):
     # Downloadable archives by format: {"tar.gz": {"key", "sha256", "bytes"}, "zip": {...}}.
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Messages the sweep sent again because no worker claimed the job (broker lost them): never spends attempts.
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     # While running: the lease. While queued: when the sweep resends the task if no worker has claimed it.

@@ -1,5 +1,6 @@
 """Engines, sessions and after-commit callbacks (tasks are sent only once their rows are committed)."""
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 _AFTER_COMMIT = "lorajobs_after_commit"
+
+log = logging.getLogger("lorajobs.db")
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,18 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
+    """Each callback runs once; one that fails (the broker unreachable) is logged and the rest still run.
+
+    The rows are committed by now: failing the request would answer an error for work that was accepted. Every
+    callback is a message or a cleanup the sweep or the garbage collection redoes (docs/operations.md).
+    """
     callbacks = session.info.pop(_AFTER_COMMIT, [])
     for callback in callbacks:
-        callback()
+        try:
+            callback()
+        except Exception:
+            log.warning("an after-commit step failed; the sweep or the garbage collection will redo it",
+                        exc_info=True)
 
 
 @event.listens_for(Session, "after_rollback")

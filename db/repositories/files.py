@@ -3,6 +3,7 @@
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.clock import db_epoch
 from db.models import File, Job
 from db.repositories.pagination import Page, paginate
 
@@ -29,6 +30,15 @@ def page(session: Session, project_id: str, *, purpose: str | None, after: str |
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
     return paginate(session, stmt, File, after=after, limit=limit, order=order)
+
+
+def stale_validations(session: Session, first_after: float, limit: int) -> list[File]:
+    """Files still `uploaded` past their resend deadline (first `first_after` seconds after upload), locked;
+    rows another sweep holds are skipped."""
+    deadline = func.coalesce(File.resend_at, File.created_at + first_after)
+    stmt = (select(File).where(File.status == "uploaded", deadline < db_epoch()).order_by(File.seq).limit(limit)
+            .with_for_update(skip_locked=True))
+    return list(session.scalars(stmt))
 
 
 def count_active_jobs_using(session: Session, file_id: str) -> int:

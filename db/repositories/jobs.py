@@ -1,11 +1,11 @@
 """Queries on fine-tuning jobs, their events and checkpoints. Ownership checks live in the callers' filters."""
 
-import time
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import db_epoch
 from db.models import Checkpoint, Job, JobEvent
 from db.repositories.pagination import Page, paginate
 
@@ -51,13 +51,15 @@ def waiting_on_file(session: Session, file_id: str) -> list[Job]:
 
 
 def claim(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
-    """queued -> running for exactly one worker; a late or duplicate message matches no row."""
-    now = time.time()
+    """queued -> running for exactly one worker; a late or duplicate message matches no row.
+
+    The lease is stamped with the database's clock, the one the sweep compares it with (db/clock.py).
+    """
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
-        .values(status="running", lease_owner=owner, lease_expires_at=now + lease_seconds,
-                attempts=Job.attempts + 1, started_at=now)
+        .values(status="running", lease_owner=owner, lease_expires_at=db_epoch() + lease_seconds,
+                attempts=Job.attempts + 1, started_at=db_epoch())
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -67,7 +69,7 @@ def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
-        .values(lease_expires_at=time.time() + lease_seconds)
+        .values(lease_expires_at=db_epoch() + lease_seconds)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -90,14 +92,26 @@ def active(session: Session) -> list[Job]:
     return list(session.scalars(stmt))
 
 
-def expired_leases(session: Session, now: float) -> list[Job]:
-    stmt = select(Job).where(Job.status == "running", Job.lease_expires_at < now).with_for_update(skip_locked=True)
+def expired_leases(session: Session, limit: int) -> list[Job]:
+    """Running jobs whose lease ended by the database's clock, locked; rows another sweep holds are skipped."""
+    stmt = (select(Job).where(Job.status == "running", Job.lease_expires_at < db_epoch()).order_by(Job.seq)
+            .limit(limit).with_for_update(skip_locked=True))
     return list(session.scalars(stmt))
 
 
-def stale_queued(session: Session, now: float) -> list[Job]:
-    """Queued jobs whose dispatch deadline passed: their message may have been lost."""
-    stmt = select(Job).where(Job.status == "queued", Job.lease_expires_at < now).with_for_update(skip_locked=True)
+def stale_queued(session: Session, limit: int) -> list[Job]:
+    """Queued jobs whose dispatch deadline passed (their message may have been lost), or whose cancel was asked
+    (no claim ever takes them), locked; rows another sweep holds are skipped."""
+    stmt = (select(Job).where(Job.status == "queued",
+                              (Job.lease_expires_at < db_epoch()) | Job.cancel_requested.is_(True))
+            .order_by(Job.seq).limit(limit).with_for_update(skip_locked=True))
+    return list(session.scalars(stmt))
+
+
+def pending_merges(session: Session, limit: int) -> list[Job]:
+    """Succeeded jobs whose merge was asked for and has not finished, locked; rows another sweep holds are skipped."""
+    stmt = (select(Job).where(Job.status == "succeeded", Job.artifacts["merged"]["status"].as_string() == "pending")
+            .order_by(Job.seq).limit(limit).with_for_update(skip_locked=True))
     return list(session.scalars(stmt))
 
 
