@@ -138,7 +138,25 @@ class CheckpointSection(BaseModel):
 
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: at the end only.")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; null: at each epoch end.")
-    save_total_limit: int | None = Field(3, ge=1, description="Keep only the newest N checkpoints; null keeps all.")
+    save_total_limit: int | None = Field(
+        3, ge=1, description="Keep only the newest N checkpoints, and always the best one; null keeps all."
+    )
+    best_checkpoint_metric: Literal["valid_loss", "valid_mean_token_accuracy"] = Field(
+        "valid_loss",
+        description="With validation data, every checkpoint is evaluated and the best by this metric is delivered as "
+        "the job's adapter (lowest loss, highest accuracy); the others stay downloadable.",
+    )
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Stop when the best_checkpoint_metric has not improved for this many checkpoint "
+        "evaluations in a row; null trains every epoch."
+    )
+    answer_samples: int = Field(
+        20, ge=0, le=200, description="Held-out prompts answered greedily by the base and the tuned model at the end "
+        "of the job, and scored for exact match and key facts; 0 skips it."
+    )
+    answer_max_new_tokens: int = Field(
+        128, ge=1, le=1024, description="Longest answer generated for each of those prompts, in tokens."
+    )
 
 
 class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection):  # fields in reverse base order

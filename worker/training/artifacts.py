@@ -34,6 +34,9 @@ class TrainingResult:
     base_provenance: str | None = None  # where the base's weights came from, when not the hub's checkpoint
     library_versions: dict = field(default_factory=dict)
     train_seconds: float | None = None  # wall clock around the Trainer's train(), setup excluded (benchmarks compare it)
+    best_checkpoint: dict | None = None  # the checkpoint delivered as the adapter, chosen on validation (best.py)
+    quality: dict | None = None  # exact match and key facts over the held-out sample, base and tuned (answers.py)
+    answers: list | None = None  # that sample: prompt, expected, base and tuned answers with their scores
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -105,6 +108,20 @@ def served_lines(served: dict | None) -> list[str]:
     return [f"The merged export folds the adapter into {base}, the better-scoring of the two merges.", ""]
 
 
+def quality_lines(result: TrainingResult) -> list[str]:
+    """Which checkpoint the adapter is, and how its answers to held-out prompts scored."""
+    from worker.training.answers import quality_message
+
+    lines = []
+    if result.best_checkpoint:
+        best = result.best_checkpoint
+        lines.append(f"The adapter is the checkpoint of step {best['step']} (the last step was {best['last_step']}), "
+                     f"the best by {best['metric']} ({best['value']:.4f}).")
+    if result.quality:
+        lines.append(quality_message(result.quality))
+    return [*lines, ""] if lines else []
+
+
 def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult) -> None:
     """The adapter's README.md: base model, data checksums, spec, metrics and library versions."""
     base = spec_json["model"]
@@ -140,6 +157,7 @@ def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult)
         *[f"| {label} | {ev['loss']:.4f} | {ev['token_accuracy']:.4f} |" for label, ev in eval_rows(result) if ev],
         "",
         *served_lines(result.served_eval),
+        *quality_lines(result),
         "## Spec",
         "",
         "```json",

@@ -12,6 +12,7 @@ from core.archives import sha256_file
 from core.errors import InvalidRequest
 from core.spec import JobSpec, ResolvedHyperparameters, resolve_auto
 from worker.catalogue import base_provenance
+from worker.training.answers import answerer, report_answers
 from worker.training.artifacts import (
     TrainingResult,
     library_versions,
@@ -19,6 +20,7 @@ from worker.training.artifacts import (
     write_model_card,
     write_training_log,
 )
+from worker.training.best import report_selection
 from worker.training.data import TokenizedData, make_collator, read_examples, split_validation, tokenize_all
 from worker.training.evaluate import evaluate_model
 from worker.training.hooks import TrainingHooks
@@ -54,10 +56,13 @@ def tokenize_data(spec: JobSpec, tokenizer, train_examples, valid_examples) -> t
     return train_data, valid_data
 
 
-def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_dir: Path, device: str):
+def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_dir: Path, device: str,
+                       has_validation: bool = False):
     """The Trainer's arguments for the resolved hyperparameters on `device`."""
     import torch
     from transformers import TrainingArguments
+
+    from worker.training.best import selection_arguments
 
     quantized = spec.quantization != "none"
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
@@ -81,7 +86,9 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
         save_strategy="steps" if spec.save_steps else "epoch",
         save_steps=spec.save_steps or 500,
         save_total_limit=spec.save_total_limit,
-        eval_strategy="no",  # our callback evaluates: token accuracy needs no stored logits that way
+        # Our callback evaluates (token accuracy needs no stored logits that way); with validation data the Trainer
+        # also asks it at every checkpoint, to deliver the best one (worker/training/best.py).
+        **({"eval_strategy": "no"} | selection_arguments(spec, has_validation)),
         include_num_input_tokens_seen="all" if spec.packing else "non_padding",  # packed rows hold no padding
         remove_unused_columns=False,
         dataloader_pin_memory=False,
@@ -90,17 +97,23 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
     )
 
 
-def build_trainer(spec, hp, model, tokenizer, train_data, collator, checkpoints_dir, device, callback):
-    """A transformers Trainer over the token rows with our hooks callback."""
-    from transformers import PrinterCallback, Trainer
+def build_trainer(spec, hp, model, tokenizer, train_data, collator, checkpoints_dir, device, callback,
+                  valid_rows: list | None = None):
+    """A transformers Trainer over the token rows with our hooks callback (and early stopping with validation rows,
+    which the Trainer hands back to the callback's evaluation)."""
+    from transformers import PrinterCallback
 
-    trainer = Trainer(
+    from worker.training.best import checkpoint_evaluating_trainer, selection_callbacks
+
+    trainer = checkpoint_evaluating_trainer()(
         model=model,
-        args=training_arguments(spec, hp, checkpoints_dir, device),
+        args=training_arguments(spec, hp, checkpoints_dir, device, bool(valid_rows)),
         train_dataset=train_data.rows,
+        eval_dataset=valid_rows or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=[callback, *selection_callbacks(spec, bool(valid_rows))],
+        hooks_callback=callback,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the hooks, not stdout
     return trainer
@@ -154,17 +167,20 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_served(spec: JobSpec, adapter_dir: Path, models_dir: Path, device: str, evaluate) -> dict:
+def evaluate_served(spec: JobSpec, adapter_dir: Path, models_dir: Path, device: str, evaluate,
+                    answer=None) -> tuple[dict, dict | None]:
     """What a QLoRA adapter scores where it is served, and which merge to export.
 
     The adapter was trained on the 4-bit base but is served on the full-precision one (vLLM, TGI, PEFT) or merged.
     Both merges are scored: into the full-precision base, and into the 4-bit base dequantized to 16 bit (which
-    keeps the rounding the adapter learned to correct). The merged export uses the better one.
+    keeps the rounding the adapter learned to correct). The merged export uses the better one. `answer`, when
+    given, answers held-out prompts with the adapter as served (worker/training/answers.py).
     """
     from peft import PeftModel
 
     served = load_adapter_model(adapter_dir, models_dir).to(device)
     on_full_precision = evaluate(served)
+    answered = answer(served) if answer else None
     merged_full = evaluate(served.merge_and_unload())
     del served
     _release()
@@ -174,7 +190,7 @@ def evaluate_served(spec: JobSpec, adapter_dir: Path, models_dir: Path, device: 
     _release()
     best = "dequantized_4bit" if merged_dequantized["loss"] < merged_full["loss"] else "full_precision"
     return {"adapter_on_full_precision_base": on_full_precision, "merged_full_precision": merged_full,
-            "merged_dequantized_4bit": merged_dequantized, "merge_base": best}
+            "merged_dequantized_4bit": merged_dequantized, "merge_base": best}, answered
 
 
 def _dropped(train_data: TokenizedData, valid_data: TokenizedData) -> dict:
@@ -225,7 +241,8 @@ def train(
         hooks.on_parameters(dict(parameters))
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model)
-    trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback)
+    trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback,
+                            valid_rows=valid_data.rows)
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute_description(spec, device)}.")
@@ -234,19 +251,24 @@ def train(
 
     status = "cancelled" if callback.cancelled else "succeeded"
     baseline, final = (None, None) if callback.cancelled else evaluate_baseline_and_final(model, evaluate)
-    if final is not None:
+    selected = None if final is None else report_selection(trainer.state, spec, hooks)
+    if final is not None and "valid_loss" not in callback.last_metrics:  # the last step was not evaluated yet
         metrics = {"step": state.global_step, "valid_loss": final["loss"], "valid_mean_token_accuracy": final["token_accuracy"]}
         state.log_history.append(metrics)
         if hooks.on_metrics:
             hooks.on_metrics(dict(metrics))
     adapter_dir = save_adapter(model, tokenizer, out_dir, spec.model)
     write_training_log(out_dir / "training_log.csv", log_rows(state.log_history))
+    answer = None if final is None else answerer(spec, tokenizer, valid_examples, train_seconds)
+    answered = answer(model) if answer and spec.quantization == "none" else None
     served = None
     if final is not None and spec.quantization != "none":
         del trainer, model, callback
         _release()
         hooks.event("info", "Scoring the adapter as it is served: on the full-precision base, and both merges.")
-        served = evaluate_served(spec, adapter_dir, models_dir, device, evaluate)
+        served, answered = evaluate_served(spec, adapter_dir, models_dir, device, evaluate, answer)
+    if answered:
+        report_answers(answered["quality"], (selected or {}).get("step", state.global_step), hooks)
 
     sha = {"training_file": sha256_file(Path(train_path))}
     if valid_path:
@@ -268,6 +290,9 @@ def train(
         data_sha256=sha,
         parameters=parameters,
         served_eval=served,
+        best_checkpoint=selected,
+        quality=answered["quality"] if answered else None,
+        answers=answered["answers"] if answered else None,
         chat_template=tokenizer.lorajobs_chat_template,
         base_provenance=base_provenance(models_dir, spec.model),
         library_versions=library_versions(),
