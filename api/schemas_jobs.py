@@ -79,7 +79,7 @@ class JobObject(BaseModel):
     organization_id: str
     result_files: list[str]
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None

@@ -1,6 +1,7 @@
 """`lorajobs up | api | worker | sweeper | migrate`: the parts of the service."""
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,9 @@ from core.settings import Settings, get_settings
 log = logging.getLogger("lorajobs.up")
 
 RESTART_BACKOFF_SECONDS = 2.0
+# How long `lorajobs up` waits for its parts to stop before killing them: a worker's training stops at its next
+# step and stores a checkpoint first (docs/operations.md).
+STOP_GRACE_SECONDS = 90.0
 
 
 def register(sub) -> None:
@@ -173,7 +177,7 @@ def cmd_up(args) -> int:
         install_smollm2(settings.models_dir)
     host, port = args.host or settings.host, args.port or settings.port
     commands = _part_commands(settings, host, port)
-    parts = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    parts = {name: _start_part(cmd) for name, cmd in commands.items()}
     log.info("lorajobs is up: API on http://%s:%s (docs at /docs); Ctrl-C stops every part", host, port)
     stopping = False
 
@@ -190,16 +194,34 @@ def cmd_up(args) -> int:
             if code is not None and not stopping:
                 log.warning("%s exited with code %s; starting it again", name, code)
                 time.sleep(RESTART_BACKOFF_SECONDS)
-                parts[name] = subprocess.Popen(commands[name])
-    log.info("stopping every part")
-    for proc in parts.values():
+                parts[name] = _start_part(commands[name])
+    stop_parts(list(parts.values()))
+    return 0
+
+
+def _start_part(command: list[str]) -> subprocess.Popen:
+    """A part in a process group of its own: a terminal's Ctrl-C reaches `lorajobs up` alone, which stops each part
+    once, and the group holds every process the part starts (a worker's pool), so none can outlive `up`."""
+    return subprocess.Popen(command, start_new_session=True)
+
+
+def stop_parts(parts: list[subprocess.Popen], grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM to each part (a worker's training checkpoints and releases its job), then SIGKILL to whatever is
+    left in its process group after `grace_seconds`, children included."""
+    log.info("stopping every part (at most %.0f s)", grace_seconds)
+    for proc in parts:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.time() + 20
-    for proc in parts.values():
+    deadline = time.monotonic() + grace_seconds
+    for proc in parts:
         try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            log.warning("a part did not stop in %.0f s; killing it", grace_seconds)
+    for proc in parts:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group: a pool process whose main is gone
+        except (ProcessLookupError, PermissionError):
+            continue
+        proc.wait(timeout=10)
     log.info("stopped")
-    return 0

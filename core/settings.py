@@ -62,6 +62,25 @@ class Settings(BaseSettings):
         "dev-insecure-secret-key", description="Signs dashboard sessions and CSRF tokens; must be set in production."
     )
     max_upload_bytes: int = Field(1 << 30, description="Largest file `POST /v1/files` accepts (bytes).")
+    write_retry_seconds: float = Field(
+        60.0, ge=0, description="How long a training worker retries a failing database or storage write (a "
+        "checkpoint row, the final adapter and result) before giving it up; progress and metrics are kept and "
+        "written once the database answers.")
+    checkpoint_interval_seconds: float = Field(
+        600.0, ge=0, description="A running job also checkpoints after this many seconds of training since its "
+        "last checkpoint (0: only by the spec's save_steps or each epoch).")
+    watchdog_seconds: float = Field(
+        1800.0, ge=0, description="A training attempt that reports no progress (step, evaluation, upload) for this "
+        "long is abandoned and its job requeued or failed with `timeout` (0: never).")
+    work_dir: Path | None = Field(
+        None, description="Folder of the workers' per-job scratch folders (datasets, checkpoints, archives); "
+        "unset: the system's temporary folder.")
+    work_min_free_bytes: int = Field(
+        2 << 30, ge=0, description="Free space a worker's work folder must keep beyond a job's estimated needs, "
+        "checked before the job starts (`disk_full`).")
+    max_infra_retries: int = Field(
+        5, ge=0, description="Times a job is requeued for an infrastructure failure (storage unavailable, a full "
+        "disk) before it fails with that code; these retries spend no attempt.")
     lease_seconds: int = Field(120, description="A running job's lease; a worker renews it while training.")
     sweep_interval_seconds: float = Field(15.0, description="How often the sweep looks for expired leases.")
     max_attempts: int = Field(3, description="A job whose worker was lost this many times fails.")

@@ -84,9 +84,10 @@ def training_queue(job: Job) -> str:
 
 
 def add_event(session: Session, job: Job, message: str, *, level: str = "info", type_: str = "message",
-              data: dict | None = None) -> None:
+              data: dict | None = None, created_at: float | None = None) -> None:
+    """`created_at`: when it happened, for an event a worker kept while the database was away."""
     repo.add(session, JobEvent(id=new_id("ftevent"), job_id=job.id, level=level, type=type_, message=message,
-                               data=data, created_at=time.time()))
+                               data=data, created_at=created_at or time.time()))
 
 
 def enqueue(session: Session, settings: Settings, job: Job) -> None:

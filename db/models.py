@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from sqlalchemy import false
 from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -99,6 +100,8 @@ class Job(Base):
     # Messages the sweep sent again because no worker claimed the job (broker lost them): never spends attempts.
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # `POST .../pause` on a running job: its worker stops at the next step with a checkpoint and the job is `paused`.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     # While running: the lease. While queued: when the sweep resends the task if no worker has claimed it.
     lease_expires_at: Mapped[float | None] = mapped_column(Double)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core import queue, routing
 from core.archives import ARCHIVE_FORMATS, make_archive, sha256_file, unpack_archive
-from core.errors import LorajobsError
+from core.errors import InvalidRequest, LorajobsError, ObjectNotFound
 from core.ids import new_id
 from core.settings import Settings, get_settings
 from core.spec import JobSpec
@@ -30,6 +30,8 @@ from db.repositories import files as files_repo
 from db.repositories import jobs as repo
 from db.repositories import projects as projects_repo
 from db.session import after_commit, transaction
+from worker.resilience import (SHUTDOWN, STORAGE_ERRORS, Fenced, GracefulSigterm, InfrastructureFailure, check_free_space, disk_full,
+                               retry_db, retry_storage, transient_db_error)
 
 log = logging.getLogger("lorajobs.worker.jobs")
 
@@ -55,6 +57,7 @@ class ClaimedJob:
     attempts: int
     placement: dict
     plan: dict | None
+    dataset_bytes: int
 
 
 def job_prefix(project_id: str, job_id: str) -> str:
@@ -62,17 +65,34 @@ def job_prefix(project_id: str, job_id: str) -> str:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the job's lease while training; notices when the lease was lost to the sweep."""
+    """Renews the job's lease while training makes progress; notices when the lease was lost to the sweep.
 
-    def __init__(self, settings: Settings, job_id: str, owner: str):
+    Also the watchdog: an attempt that reports no progress for `watchdog_seconds` (a training thread stuck in a
+    collective or a socket while the process lives) stops renewing and `on_hang` abandons it, so the job is
+    requeued, cancellable, or failed with `timeout`. A stopped process (SIGSTOP) renews nothing: its lease ends and
+    the sweep requeues the job; if it runs again, every write it tries is fenced off.
+    """
+
+    def __init__(self, settings: Settings, job_id: str, owner: str, on_hang=None):
         super().__init__(daemon=True, name=f"lease-{job_id}")
-        self.settings, self.job_id, self.owner = settings, job_id, owner
+        self.settings, self.job_id, self.owner, self.on_hang = settings, job_id, owner, on_hang
         self.lost = threading.Event()
         self.done = threading.Event()
+        self.last_progress = time.monotonic()
+
+    def alive(self) -> None:
+        """Training made progress (a step, an evaluation, a checkpoint stored)."""
+        self.last_progress = time.monotonic()
 
     def run(self) -> None:
         interval = max(0.5, self.settings.lease_seconds / 3)
+        watchdog = self.settings.watchdog_seconds
         while not self.done.wait(interval):
+            if watchdog and time.monotonic() - self.last_progress > watchdog:
+                self.lost.set()
+                if self.on_hang:
+                    self.on_hang()
+                return
             try:
                 with transaction(self.settings.database_url) as session:
                     if not repo.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds):
@@ -101,27 +121,86 @@ def claim(settings: Settings, job_id: str, owner: str) -> ClaimedJob | None:
         return ClaimedJob(job.id, job.project_id, project.name, JobSpec.model_validate(job.spec),
                           training.storage_key, validation.storage_key if validation else None,
                           latest.storage_key if latest else None, latest.step if latest else 0, job.attempts,
-                          dict(job.placement or {}), job.plan)
+                          dict(job.placement or {}), job.plan,
+                          training.bytes + (validation.bytes if validation else 0))
 
 
 class JobRun:
-    """The hooks the training core calls, writing progress, metrics, events and checkpoints."""
+    """The hooks the training core calls, writing progress, metrics, events and checkpoints.
+
+    Every write is fenced: it happens only while this worker still owns the job (its lease owner, unique to the
+    claim and so to the attempt), and object keys carry the attempt, so a worker that lost its lease (the database
+    away longer than the lease, a stopped process) never overwrites or adds to what the new owner writes. A
+    database that is briefly away costs nothing: events are kept and written once it answers, progress waits for
+    the next step, a checkpoint row is retried for `write_retry_seconds`.
+    """
 
     def __init__(self, settings: Settings, storage: Storage, job: ClaimedJob, owner: str, heartbeat: Heartbeat,
                  work: Path):
         self.settings, self.storage, self.job, self.owner = settings, storage, job, owner
         self.heartbeat, self.work = heartbeat, work
         self._last_progress_write = 0.0
+        self._pending_events: list[dict] = []
+        self.stop_reason: str | None = None  # cancel, pause, shutdown or lease_lost, once training was told to stop
+        self.last_checkpoint_step: int | None = None
 
     def _db(self):
         return transaction(self.settings.database_url)
 
+    def _owned(self, session):
+        """The job row, locked, while this worker owns it; Fenced otherwise."""
+        job = repo.get_any(session, self.job.id, for_update=True)
+        if job is None or job.status != "running" or job.lease_owner != self.owner:
+            raise Fenced(f"job {self.job.id} is no longer owned by {self.owner}")
+        return job
+
+    def write(self, what: str, write, *, retry: bool = False) -> bool:
+        """`write(session, job)` in one fenced transaction. False when fenced off, or when the database is away (after
+        `write_retry_seconds` of retries when `retry`): the caller keeps its data or gives the write up."""
+        def once():
+            with self._db() as session:
+                write(session, self._owned(session))
+
+        try:
+            if retry:
+                retry_db(once, budget_seconds=self.settings.write_retry_seconds, what=what,
+                         give_up=self.heartbeat.lost.is_set)
+            else:
+                once()
+            return True
+        except Fenced:
+            log.warning("lease lost: %s not written; another worker owns the job now", what,
+                        extra={"job_id": self.job.id})
+            self.heartbeat.lost.set()
+            return False
+        except Exception as exc:
+            if not transient_db_error(exc):
+                raise
+            log.warning("database unavailable: %s not written yet", what, extra={"job_id": self.job.id})
+            return False
+
     def _event(self, message: str, *, level: str = "info", type_: str = "message", data: dict | None = None) -> None:
-        with self._db() as session:
-            job = repo.get_any(session, self.job.id)
-            lifecycle.add_event(session, job, message, level=level, type_=type_, data=data)
+        self._pending_events.append({"message": message, "level": level, "type_": type_, "data": data,
+                                     "created_at": time.time()})
+        self.flush_events()
+
+    def flush_events(self, *, retry: bool = False) -> bool:
+        """Write the events kept while the database was away, in their order and with their times."""
+        if not self._pending_events:
+            return True
+        pending = list(self._pending_events)
+
+        def write(session, job):
+            for event in pending:
+                lifecycle.add_event(session, job, **event)
+
+        if self.write(f"{len(pending)} events", write, retry=retry):
+            del self._pending_events[:len(pending)]
+            return True
+        return False
 
     def on_progress(self, progress: dict) -> None:
+        self.heartbeat.alive()
         now = time.time()
         last = progress.get("total_steps") and progress.get("step") == progress.get("total_steps")
         if now - self._last_progress_write < PROGRESS_WRITE_INTERVAL and not last:
@@ -137,16 +216,18 @@ class JobRun:
             values["trained_tokens"] = int(progress["tokens_seen"])
         if progress.get("eta_seconds") is not None:
             values["estimated_finish"] = now + float(progress["eta_seconds"])
-        with self._db() as session:
-            repo.update_owned(session, self.job.id, self.owner, **values)
+        # Progress is a snapshot: one the database missed is replaced by the next step's.
+        self.write("progress", lambda session, _job: repo.update_owned(session, self.job.id, self.owner, **values))
 
     def on_parameters(self, parameters: dict) -> None:
-        with self._db() as session:
-            repo.update_owned(session, self.job.id, self.owner, parameters=parameters)
+        self.heartbeat.alive()
+        self.write("parameters", lambda session, _job: repo.update_owned(session, self.job.id, self.owner,
+                                                                         parameters=parameters), retry=True)
         self._event(f"Training {parameters['trainable_parameters']:,} of {parameters['total_parameters']:,} parameters "
                     f"({parameters['trainable_percent']:.4f} %)", data=parameters)
 
     def on_metrics(self, metrics: dict) -> None:
+        self.heartbeat.alive()
         step = metrics.get("step")
         parts = [f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float)]
         self._event(f"Step {step}: " + ", ".join(parts), type_="metrics", data=metrics)
@@ -154,12 +235,34 @@ class JobRun:
     def on_event(self, level: str, message: str) -> None:
         self._event(message, level=level if level in ("info", "warn", "error") else "info")
 
-    def should_stop(self) -> bool:
+    def should_stop(self) -> str | None:
+        """Why training must stop at this step, or None; a database that does not answer lets it go on."""
+        self.heartbeat.alive()
         if self.heartbeat.lost.is_set():
-            return True
-        with self._db() as session:
-            job = repo.get_any(session, self.job.id)
-            return job is None or job.cancel_requested or job.lease_owner != self.owner
+            self.stop_reason = "lease_lost"
+            return "The lease was lost to another worker"
+        if SHUTDOWN.is_set():
+            self.stop_reason = "shutdown"
+            return "The worker is shutting down"
+        try:
+            with self._db() as session:
+                job = repo.get_any(session, self.job.id)
+        except Exception as exc:
+            if not transient_db_error(exc):
+                raise
+            return None
+        if job is None or job.status != "running" or job.lease_owner != self.owner:
+            self.heartbeat.lost.set()
+            self.stop_reason = "lease_lost"
+            return "The lease was lost to another worker"
+        if job.cancel_requested:
+            self.stop_reason = "cancel"
+            return "Cancellation requested"
+        if job.pause_requested:
+            self.stop_reason = "pause"
+            return "Pause requested"
+        self.flush_events()
+        return None
 
     def store_archives(self, folder: Path, prefix: str) -> dict:
         """Upload `folder` as .tar.gz and .zip, each verified by checksum after upload."""
@@ -175,35 +278,62 @@ class JobRun:
         if result.sha256 != expected or self.storage.sha256(key) != expected:
             raise RuntimeError(f"checksum mismatch after uploading {key}")
         local.unlink()
+        self.heartbeat.alive()
         return {"key": key, "sha256": expected, "bytes": result.size}
 
+    def attempt_prefix(self) -> str:
+        """Where this attempt's objects go: a worker that lost the job never writes under the new owner's keys."""
+        return f"{job_prefix(self.job.project_id, self.job.id)}/attempt-{self.job.attempts}"
+
     def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
-        prefix = f"{job_prefix(self.job.project_id, self.job.id)}/checkpoints/step-{step}"
-        state = self.upload_verified(make_archive(path, self.work / "state.tar.gz", "tar.gz"), f"{prefix}/state.tar.gz")
-        adapter_only = self.work / f"adapter-step-{step}"
-        adapter_only.mkdir()
-        for name in ADAPTER_FILES:
-            if (path / name).is_file():
-                os.link(path / name, adapter_only / name)
-        archives = self.store_archives(adapter_only, f"{prefix}/adapter")
-        with self._db() as session:
+        if self.heartbeat.lost.is_set():
+            return
+        prefix = f"{self.attempt_prefix()}/checkpoints/step-{step}"
+        try:
+            state = self.upload_verified(make_archive(path, self.work / "state.tar.gz", "tar.gz"),
+                                         f"{prefix}/state.tar.gz")
+            adapter_only = self.work / f"adapter-step-{step}"
+            adapter_only.mkdir()
+            for name in ADAPTER_FILES:
+                if (path / name).is_file():
+                    os.link(path / name, adapter_only / name)
+            archives = self.store_archives(adapter_only, f"{prefix}/adapter")
+        except STORAGE_ERRORS as exc:
+            # Training goes on: the next checkpoint tries again, and a crash meanwhile resumes from the last one stored.
+            self._event(f"Checkpoint at step {step} could not be stored (object storage failed: "
+                        f"{getattr(exc, 'message', exc)}); training goes on", level="warn")
+            return
+        pruned: list[str] = []
+
+        def write(session, _job):
             repo.add(session, Checkpoint(id=new_id("ftckpt"), job_id=self.job.id, step=step, metrics=metrics,
                                          storage_key=state["key"], sha256=state["sha256"], bytes=state["bytes"],
                                          artifacts=archives, created_at=time.time()))
-            self._prune_checkpoints(session)
+            pruned[:] = self._prune_checkpoints(session)
 
-    def _prune_checkpoints(self, session) -> None:
+        if self.write(f"checkpoint step {step}", write, retry=True):
+            self.last_checkpoint_step = step
+            keys = pruned
+        else:  # fenced off or the database stayed away: the objects have no row and go
+            keys = [state["key"]] + [entry["key"] for entry in archives.values()]
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except STORAGE_ERRORS:
+                log.warning("could not delete %s; garbage collection removes it", key)
+
+    def _prune_checkpoints(self, session) -> list[str]:
+        """Drop the rows of checkpoints beyond the spec's limit; their keys, deleted once the rows are gone."""
         limit = self.job.spec.save_total_limit
         stored = repo.checkpoints(session, self.job.id)
+        keys = []
         for old in stored[: max(0, len(stored) - limit)] if limit else []:
-            keys = [old.storage_key] + [entry["key"] for entry in (old.artifacts or {}).values()]
+            keys += [old.storage_key] + [entry["key"] for entry in (old.artifacts or {}).values()]
             repo.delete_row(session, old)
-            for key in keys:
-                self.storage.delete(key)
+        return keys
 
-    def metrics_csv(self) -> bytes:
-        with self._db() as session:
-            rows = [event.data or {} for event in repo.metrics_events(session, self.job.id)]
+    def metrics_csv(self, session) -> bytes:
+        rows = [event.data or {} for event in repo.metrics_events(session, self.job.id)]
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -214,60 +344,106 @@ class JobRun:
 
 def run_job(job_id: str) -> None:
     settings = get_settings()
+    if SHUTDOWN.is_set():  # this process is stopping: the job stays queued and the sweep sends it again
+        log.info("shutting down; job not claimed", extra={"job_id": job_id})
+        return
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     claimed = claim(settings, job_id, owner)
     if claimed is None:
         log.info("job not claimable (running elsewhere, finished or cancelled); message ignored",
                  extra={"job_id": job_id})
         return
-    heartbeat = Heartbeat(settings, job_id, owner)
+    heartbeat = Heartbeat(settings, job_id, owner, on_hang=lambda: _abandon_hung(settings, claimed, owner))
     heartbeat.start()
     try:
-        with tempfile.TemporaryDirectory(prefix=f"lorajobs-{job_id}-") as tmp:
+        if settings.work_dir:
+            settings.work_dir.mkdir(parents=True, exist_ok=True)
+        with GracefulSigterm(), tempfile.TemporaryDirectory(prefix=f"lorajobs-{job_id}-", dir=settings.work_dir) as tmp:
             _train_and_settle(settings, get_storage(settings), claimed, owner, heartbeat, Path(tmp))
+    except OSError as exc:  # the work folder itself could not be made or removed (a full disk)
+        _settle_failure(settings, claimed, owner, exc)
     finally:
         heartbeat.done.set()
 
 
+def work_bytes_needed(job: ClaimedJob) -> int:
+    """What a job writes in its work folder at most: the datasets (downloaded, then read), the checkpoints the Trainer
+    keeps (adapter and two AdamW states in fp32: 12 bytes per trained parameter) plus the one being archived, and the
+    final adapter with its two archives. The base model is read from the catalogue, not copied."""
+    trainable = (job.plan or {}).get("trainable_parameters") or 0
+    kept = (job.spec.save_total_limit or 2) + 1
+    return 2 * job.dataset_bytes + trainable * (12 * kept + 24 + 12)
+
+
+def _download(storage: Storage, settings: Settings, key: str, path: Path, what: str) -> None:
+    retry_storage(lambda: storage.download_to(key, path), budget_seconds=settings.write_retry_seconds,
+                  what=f"downloading {what}")
+
+
 def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, owner: str, heartbeat: Heartbeat,
                       work: Path) -> None:
+    run = JobRun(settings, storage, job, owner, heartbeat, work)
+    try:
+        result = _train(settings, storage, job, run, work)
+        if heartbeat.lost.is_set():
+            log.warning("lease lost during training; another worker owns the job now", extra={"job_id": job.id})
+            return
+        if result.status == "cancelled":
+            _settle_stopped(settings, job, owner, run, result)
+            return
+        _record_peak_memory(settings, job, owner, run)
+        archives = retry_storage(lambda: run.store_archives(Path(result.adapter_dir), f"{run.attempt_prefix()}/adapter"),
+                                 budget_seconds=settings.write_retry_seconds, what="uploading the final adapter")
+        run.flush_events(retry=True)  # the metrics CSV reads them
+        retry_db(lambda: _settle_succeeded(settings, storage, job, owner, run, result, archives),
+                 budget_seconds=settings.write_retry_seconds, what="the job's result")
+    except Exception as exc:
+        if heartbeat.lost.is_set():
+            log.warning("lease lost; the failure is left to the job's new owner", exc_info=True,
+                        extra={"job_id": job.id})
+            return
+        _settle_failure(settings, job, owner, exc)
+
+
+def _train(settings: Settings, storage: Storage, job: ClaimedJob, run: JobRun, work: Path):
+    """Check the disk, fetch the datasets and the checkpoint to resume from, and train."""
     from worker.training import TrainingHooks, train
 
-    run = JobRun(settings, storage, job, owner, heartbeat, work)
+    check_free_space(work, work_bytes_needed(job), settings.work_min_free_bytes)
     train_path = work / "train.jsonl"
-    storage.download_to(job.training_key, train_path)
-    valid_path = None
-    if job.validation_key:
-        valid_path = work / "valid.jsonl"
-        storage.download_to(job.validation_key, valid_path)
+    valid_path = work / "valid.jsonl" if job.validation_key else None
+    for key, path, param in ((job.training_key, train_path, "training_file"),
+                             (job.validation_key, valid_path, "validation_file")):
+        if key is None:
+            continue
+        try:
+            _download(storage, settings, key, path, f"the {param.replace('_', ' ')}")
+        except ObjectNotFound:
+            raise InvalidRequest(f"The {param.replace('_', ' ')}'s bytes are missing from object storage ({key}); "
+                                 "upload the file again and create a new job.", param=param,
+                                 code="dataset_missing") from None
     resume_from = None
     if job.checkpoint_key:
-        storage.download_to(job.checkpoint_key, work / "resume.tar.gz")
-        resume_from = unpack_archive(work / "resume.tar.gz", work / f"checkpoint-{job.checkpoint_step}")
+        try:
+            _download(storage, settings, job.checkpoint_key, work / "resume.tar.gz", "the checkpoint to resume from")
+            resume_from = unpack_archive(work / "resume.tar.gz", work / f"checkpoint-{job.checkpoint_step}")
+        except ObjectNotFound:
+            run.on_event("warn", f"Checkpoint step {job.checkpoint_step} is missing from object storage; training "
+                         "restarts from the start")
     hooks = TrainingHooks(on_progress=run.on_progress, on_metrics=run.on_metrics, on_checkpoint=run.on_checkpoint,
                           on_event=run.on_event, should_stop=run.should_stop, on_parameters=run.on_parameters)
     _reset_peak_memory()
-    try:
-        result = train(job.spec, train_path, valid_path, work / "out", hooks, models_dir=settings.models_dir,
-                       resume_from=resume_from, micro_batch_size=job.placement.get("micro_batch_size"),
-                       gradient_checkpointing=job.placement.get("gradient_checkpointing",
-                                                                job.spec.gradient_checkpointing))
-    except Exception as exc:
-        _settle_failure(settings, job, owner, exc)
-        return
-    _record_peak_memory(settings, job, owner, run)
-    if heartbeat.lost.is_set():
-        log.warning("lease lost during training; another worker owns the job now", extra={"job_id": job.id})
-        return
-    if result.status == "cancelled":
-        with transaction(settings.database_url) as session:
-            _settle_in(session, job, owner, status="cancelled", trained_tokens=result.trained_tokens,
-                       message=f"Job cancelled at step {result.steps}; its checkpoints stay downloadable")
-        return
-    archives = run.store_archives(Path(result.adapter_dir), f"{job_prefix(job.project_id, job.id)}/adapter")
+    return train(job.spec, train_path, valid_path, work / "out", hooks, models_dir=settings.models_dir,
+                 resume_from=resume_from, micro_batch_size=job.placement.get("micro_batch_size"),
+                 gradient_checkpointing=job.placement.get("gradient_checkpointing", job.spec.gradient_checkpointing),
+                 save_every_seconds=settings.checkpoint_interval_seconds or None)
+
+
+def _settle_succeeded(settings: Settings, storage: Storage, job: ClaimedJob, owner: str, run: JobRun, result,
+                      archives: dict) -> None:
     with transaction(settings.database_url) as session:
         results_file = lifecycle.store_result_file(session, storage, job.project_id,
-                                                   filename=f"{job.id}-metrics.csv", data=run.metrics_csv())
+                                                   filename=f"{job.id}-metrics.csv", data=run.metrics_csv(session))
         row = repo.get_any(session, job.id)
         data = result.to_dict()
         progress = {**(row.progress or {}), "step": result.steps, "total_steps": result.total_steps, "percent": 100.0}
@@ -278,6 +454,39 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
                    adapter_sha256=archives["tar.gz"]["sha256"], result_files=[results_file.id],
                    baseline_eval_loss=(data.get("baseline_eval") or {}).get("loss"),
                    final_eval_loss=(data.get("final_eval") or {}).get("loss"))
+
+
+def _settle_stopped(settings: Settings, job: ClaimedJob, owner: str, run: JobRun, result) -> None:
+    """Training stopped at a checkpoint: cancelled, paused, or released by a worker shutting down. A pause and a
+    release spend no attempt; a cancel asked meanwhile wins over both."""
+    run.flush_events(retry=True)
+    at = (f"checkpoint step {run.last_checkpoint_step}" if run.last_checkpoint_step is not None
+          else f"checkpoint step {job.checkpoint_step}" if job.checkpoint_key else "the start")
+
+    def settle() -> None:
+        with transaction(settings.database_url) as session:
+            row = repo.get_any(session, job.id)
+            if row is None:
+                return
+            if run.stop_reason == "cancel" or row.cancel_requested:
+                _settle_in(session, job, owner, status="cancelled", trained_tokens=result.trained_tokens,
+                           message=f"Job cancelled at step {result.steps}; its checkpoints stay downloadable")
+            elif run.stop_reason == "pause":
+                _settle_in(session, job, owner, status="paused", trained_tokens=result.trained_tokens,
+                           attempts=max(0, job.attempts - 1), pause_requested=False, lease_expires_at=None,
+                           message=f"Job paused at step {result.steps}; it resumes from {at} "
+                                   f"(POST /v1/fine_tuning/jobs/{job.id}/resume)")
+            else:
+                requeued = _settle_in(session, job, owner, status="queued", level="warn",
+                                      attempts=max(0, job.attempts - 1),
+                                      lease_expires_at=time.time() + settings.lease_seconds,
+                                      message=f"The worker is shutting down: job released at step {result.steps}; it "
+                                              f"resumes from {at} on the next free worker (no attempt spent)")
+                if requeued:
+                    name = job.placement.get("queue")
+                    after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))
+
+    retry_db(settle, budget_seconds=settings.write_retry_seconds, what="the stopped job")
 
 
 def _settle_in(session, job: ClaimedJob, owner: str, *, status: str, message: str, level: str = "info",
@@ -334,9 +543,20 @@ def _device_memory_gib(device: str) -> float | None:
 
 def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Exception) -> None:
     """User-fixable errors fail at once with what to change; a GPU out of memory retries smaller or larger;
-    others are retried a bounded number of times."""
+    failures of the infrastructure (storage, a full disk) are requeued without spending an attempt; others are
+    retried a bounded number of times."""
+    param = None
+    if disk_full(exc) and not isinstance(exc, InfrastructureFailure):
+        exc = InfrastructureFailure("disk_full", f"The worker's disk is full ({exc}); free space on the worker or "
+                                    "point LORAJOBS_WORK_DIR at a larger disk.")
+    elif isinstance(exc, STORAGE_ERRORS):
+        exc = InfrastructureFailure("storage_unavailable", f"Object storage failed: {getattr(exc, 'message', exc)}")
+    if isinstance(exc, InfrastructureFailure):
+        retry_db(lambda: _settle_infrastructure(settings, job, owner, exc), budget_seconds=settings.write_retry_seconds,
+                 what="an infrastructure failure")
+        return
     if isinstance(exc, LorajobsError) and exc.status_code < 500:
-        code, message, retry = exc.code or "invalid_training_input", exc.message, False
+        code, message, retry, param = exc.code or "invalid_training_input", exc.message, False, exc.param
     elif type(exc).__name__ == "OutOfMemoryError":
         _settle_out_of_memory(settings, job, owner)
         return
@@ -346,6 +566,13 @@ def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Except
         log.exception("training crashed", extra={"job_id": job.id})
         code, message = "training_error", f"Training failed: {type(exc).__name__}: {exc}"[:1000]
         retry = job.attempts < settings.max_attempts
+    retry_db(lambda: _settle_attempt_failed(settings, job, owner, code, message, retry=retry, param=param),
+             budget_seconds=settings.write_retry_seconds, what="the failed attempt")
+
+
+def _settle_attempt_failed(settings: Settings, job: ClaimedJob, owner: str, code: str, message: str, *, retry: bool,
+                           param: str | None = None) -> None:
+    """The attempt failed by the job's own doing (its attempt is spent): retry it, or fail the job with `code`."""
     with transaction(settings.database_url) as session:
         if retry:
             requeued = _settle_in(session, job, owner, status="queued", level="warn",
@@ -356,7 +583,49 @@ def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Except
                 after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))
         else:
             _settle_in(session, job, owner, status="failed", level="error", message=message,
-                       error={"code": code, "message": message, "param": None})
+                       error={"code": code, "message": message, "param": param})
+
+
+INFRA_RETRY_MAX_DELAY = 600.0
+
+
+def _settle_infrastructure(settings: Settings, job: ClaimedJob, owner: str, failure: InfrastructureFailure) -> None:
+    """Requeue without spending an attempt, waiting longer each time (the sweep sends the task when the wait ends,
+    docs/operations.md); after `max_infra_retries` fail with the failure's code."""
+    retries = job.placement.get("infra_retries", 0)
+    with transaction(settings.database_url) as session:
+        if retries >= settings.max_infra_retries:
+            message = (f"{failure.message} (infrastructure retries: {retries} of {settings.max_infra_retries})"
+                       if retries else failure.message)
+            _settle_in(session, job, owner, status="failed", level="error", message=message,
+                       error={"code": failure.code, "message": message, "param": None})
+            return
+        delay = min(settings.lease_seconds * 2**retries, INFRA_RETRY_MAX_DELAY)
+        _settle_in(session, job, owner, status="queued", level="warn", attempts=max(0, job.attempts - 1),
+                   placement={**job.placement, "infra_retries": retries + 1},
+                   lease_expires_at=time.time() + delay,
+                   message=f"{failure.message}; requeued, sent again in about {delay:.0f} s "
+                           f"(infrastructure retry {retries + 1} of {settings.max_infra_retries}; no attempt spent)")
+
+
+def _abandon_hung(settings: Settings, job: ClaimedJob, owner: str) -> None:
+    """The watchdog's verdict on an attempt that stopped making progress: requeue it (its attempt spent) or fail
+    with `timeout`, then end the process, whose stuck thread may hold a GPU; the pool starts a fresh one."""
+    message = (f"No training progress for {settings.watchdog_seconds:g} s (LORAJOBS_WATCHDOG_SECONDS): the attempt "
+               "was abandoned as hung")
+    try:
+        retry_db(lambda: _settle_attempt_failed(settings, job, owner, "timeout", message,
+                                                retry=job.attempts < settings.max_attempts),
+                 budget_seconds=settings.write_retry_seconds, what="the hung attempt")
+    except Exception:
+        log.exception("could not settle the hung attempt; the sweep requeues it when its lease ends",
+                      extra={"job_id": job.id})
+    log.error("training hung; ending this process to free what it holds", extra={"job_id": job.id})
+    logging.shutdown()
+    os._exit(HUNG_EXIT_CODE)
+
+
+HUNG_EXIT_CODE = 70
 
 
 def _settle_out_of_memory(settings: Settings, job: ClaimedJob, owner: str) -> None:

@@ -1,8 +1,24 @@
 """Celery tasks: thin wrappers that receive an id and call the plain functions that do the work."""
 
+import os
+import signal
+
 from celery import shared_task
+from celery.signals import worker_shutting_down
 
 from core import queue
+from worker.resilience import pool_children
+
+
+@worker_shutting_down.connect
+def _tell_pool_processes(**_) -> None:
+    """SIGTERM or Ctrl-C reached the main process only (`docker stop`, a terminal): pass it on to the pool, whose
+    training then releases its job (an idle one ends); the main process waits for the tasks to end (a warm shutdown)."""
+    for pid in pool_children():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
 
 
 @shared_task(name=queue.PING)

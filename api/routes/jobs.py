@@ -47,6 +47,18 @@ def cancel_job(job_id: str, session: SessionDep, project: CurrentProject) -> Job
     return service.to_object(service.cancel(session, project, job_id), project)
 
 
+@router.post("/{job_id}/pause", response_model=JobObject)
+def pause_job(job_id: str, session: SessionDep, project: CurrentProject) -> JobObject:
+    """Stop at the next step with a checkpoint (`paused`); no attempt is spent."""
+    return service.to_object(service.pause(session, project, job_id), project)
+
+
+@router.post("/{job_id}/resume", response_model=JobObject)
+def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, project: CurrentProject) -> JobObject:
+    """Queue a paused job again; it resumes from its last checkpoint."""
+    return service.to_object(service.resume(session, settings, project, job_id), project)
+
+
 @router.get("/{job_id}/events", response_model=ListResponse[EventObject])
 def list_events(job_id: str, session: SessionDep, project: CurrentProject, after: str | None = None,
                 limit: Limit = 20) -> ListResponse[EventObject]:

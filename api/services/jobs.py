@@ -202,6 +202,40 @@ def cancel(session: Session, project: Project, job_id: str) -> Job:
     return job
 
 
+def pause(session: Session, project: Project, job_id: str) -> Job:
+    """OpenAI's `jobs.pause`: a running job stops at its next step with a checkpoint and turns `paused` once its
+    worker stored it; a queued job is paused at once. No attempt is spent (docs/operations.md)."""
+    job = get(session, project, job_id)
+    if job.status == "running":
+        if not job.pause_requested:
+            job.pause_requested = True
+            lifecycle.add_event(session, job, "Pause requested; the job stops at its next step with a checkpoint")
+    elif job.status == "queued":
+        job.status, job.lease_expires_at = "paused", None
+        lifecycle.add_event(session, job, "Job paused before its next attempt started")
+    elif job.status != "paused":
+        raise Conflict(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
+                       param="fine_tuning_job_id", code="job_not_pausable")
+    return job
+
+
+def resume(session: Session, settings: Settings, project: Project, job_id: str) -> Job:
+    """OpenAI's `jobs.resume`: a paused job is queued again and resumes from its last checkpoint; a pause not yet
+    carried out is withdrawn."""
+    job = get(session, project, job_id)
+    if job.status == "running" and job.pause_requested:
+        job.pause_requested = False
+        lifecycle.add_event(session, job, "Pause withdrawn; the job goes on")
+    elif job.status == "paused":
+        job.pause_requested = False
+        lifecycle.add_event(session, job, "Job resumed")
+        lifecycle.enqueue(session, settings, job)
+    else:
+        raise Conflict(f"Job {job_id} is {job.status}; only a paused job can be resumed.",
+                       param="fine_tuning_job_id", code="job_not_paused")
+    return job
+
+
 def events(session: Session, project: Project, job_id: str, *, after: str | None, limit: int) -> Page[JobEvent]:
     get(session, project, job_id)
     return repo.events_page(session, job_id, after=after, limit=limit)

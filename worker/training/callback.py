@@ -1,6 +1,7 @@
 """The Trainer callback that drives `TrainingHooks`."""
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,12 +16,14 @@ class HooksCallback(TrainerCallback):
     """Turns Trainer events into hook calls; evaluates every `eval_steps`; stops when `should_stop()` says so."""
 
     def __init__(
-        self, hooks: TrainingHooks, evaluate: Callable[[object], dict | None], eval_steps: int | None, base_model_id: str
+        self, hooks: TrainingHooks, evaluate: Callable[[object], dict | None], eval_steps: int | None, base_model_id: str,
+        save_every_seconds: float | None = None,
     ):
         self.hooks = hooks
         self.base_model_id = base_model_id
         self.evaluate = evaluate
         self.eval_steps = eval_steps
+        self.save_every_seconds = save_every_seconds  # a checkpoint by time too: a crash costs minutes, not an epoch
         self.cancelled = False
         self.last_metrics: dict = {}
         self._start_time = 0.0
@@ -31,14 +34,20 @@ class HooksCallback(TrainerCallback):
         self._start_time = time.monotonic()
         self._start_step = state.global_step
         self._start_tokens = state.num_input_tokens_seen
+        self._last_save = self._start_time
 
     def on_step_end(self, args, state, control, **kwargs):
-        _inject_test_oom(state.global_step, args.per_device_train_batch_size)
-        if self.hooks.should_stop and self.hooks.should_stop():
+        _inject_test_faults(state.global_step, args.per_device_train_batch_size)
+        stop = self.hooks.should_stop() if self.hooks.should_stop else None
+        if stop:
             self.cancelled = True
             control.should_training_stop = True
             control.should_save = True  # the checkpoint a resumed or inspected job starts from
-            self.hooks.event("info", f"Cancellation requested: stopping at step {state.global_step}.")
+            reason = stop if isinstance(stop, str) else "Cancellation requested"
+            self.hooks.event("info", f"{reason}: stopping at step {state.global_step}.")
+        elif (self.save_every_seconds and state.global_step < state.max_steps
+              and time.monotonic() - self._last_save >= self.save_every_seconds):
+            control.should_save = True
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -52,6 +61,7 @@ class HooksCallback(TrainerCallback):
             self._evaluate(state, model)
 
     def on_save(self, args, state, control, **kwargs):
+        self._last_save = time.monotonic()
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         name_base_model(path, self.base_model_id)
         self.hooks.event("info", f"Checkpoint saved at step {state.global_step}.")
@@ -87,13 +97,18 @@ class HooksCallback(TrainerCallback):
 
 
 TEST_FAULT_OOM_AT_STEP = "LORAJOBS_TEST_FAULT_OOM_AT_STEP"
+TEST_FAULT_HANG_AT_STEP = "LORAJOBS_TEST_FAULT_HANG_AT_STEP"
 
 
-def _inject_test_oom(step: int, micro_batch_size: int) -> None:
+def _inject_test_faults(step: int, micro_batch_size: int) -> None:
     """Tests only (docs/configuration.md): a real `torch.OutOfMemoryError` at step N while the micro-batch is above
-    1, so the OOM recovery runs end to end on a machine without a GPU."""
+    1, so the OOM recovery runs end to end on a machine without a GPU; or a training thread that hangs at step N
+    (as on a stuck collective) while the process lives, for the watchdog."""
     at = os.environ.get(TEST_FAULT_OOM_AT_STEP)
     if at and step == int(at) and micro_batch_size > 1:
         import torch
 
         raise torch.OutOfMemoryError(f"{TEST_FAULT_OOM_AT_STEP}={at}: injected at micro-batch {micro_batch_size}")
+    hang = os.environ.get(TEST_FAULT_HANG_AT_STEP)
+    if hang and step == int(hang):
+        threading.Event().wait()

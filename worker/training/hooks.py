@@ -16,7 +16,9 @@ class TrainingHooks:
     on_metrics: Callable[[dict], None] | None = None
     on_checkpoint: Callable[[int, Path, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
-    should_stop: Callable[[], bool] | None = None
+    # Asked after every step: a truthy answer stops training there with a checkpoint; a string says why
+    # ("Pause requested"), for the event that records it.
+    should_stop: Callable[[], bool | str | None] | None = None
     on_parameters: Callable[[dict], None] | None = None  # trainable/total counts, once the adapter is attached
 
     def event(self, level: str, message: str) -> None:

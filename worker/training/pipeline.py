@@ -210,11 +210,13 @@ def train(
     resume_from: Path | None = None,
     micro_batch_size: int | None = None,
     gradient_checkpointing: bool | None = None,
+    save_every_seconds: float | None = None,
 ) -> TrainingResult:
     """Fine-tune `spec.model` on `train_path` and write checkpoints, the adapter and the log under `out_dir`.
 
     `micro_batch_size` and `gradient_checkpointing`, when given, are the job's plan for its GPU class (or its
-    out-of-memory retry): the batch stays the spec's, accumulation makes up the difference.
+    out-of-memory retry): the batch stays the spec's, accumulation makes up the difference. `save_every_seconds`
+    adds a checkpoint after that much training since the last one.
     """
     from transformers import set_seed
 
@@ -240,7 +242,7 @@ def train(
     if hooks.on_parameters:
         hooks.on_parameters(dict(parameters))
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
-    callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model)
+    callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback,
                             valid_rows=valid_data.rows)
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
