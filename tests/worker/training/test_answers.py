@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from core.datasets.formats import Example, Turn
 from core.quality import score_answer
 from tests.helpers.tiny_model import retail_chat_records
-from tests.worker.conftest import TINY, tiny_spec, write_jsonl
+from tests.worker.conftest import tiny_spec, write_jsonl
 from worker.training import TrainingHooks, train
 from worker.training.answers import answer_side_by_side, sample_prompts
 from worker.training.model import attach_adapter, load_base_model
