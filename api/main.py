@@ -11,7 +11,8 @@ from starlette.datastructures import Headers, MutableHeaders
 
 from api.deps import get_current_project
 from api.errors import envelope, install_error_handlers
-from api.routes import dashboard, files, health, jobs, models
+from api.routes import dashboard, files, health, jobs, metrics, models
+from api.services.metrics import ApiLatency
 from core.logging import configure_logging, request_id_var
 from core.settings import Settings, get_settings
 from core.storage import get_storage
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(RequestContext, settings=settings)
+    app.add_middleware(ApiLatency)  # outermost: times the whole answer, refusals by the gate included
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_current_project)])
     v1.include_router(files.router)
@@ -105,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     dashboard.install(app)
     return app
 

@@ -3,8 +3,6 @@
 Torch-free on purpose: `api/` sends `lorajobs.*` tasks through this app without importing the worker.
 """
 
-import time
-
 from celery import Celery
 from kombu import Queue
 
@@ -79,25 +77,3 @@ def send(settings: Settings, task_name: str, object_id: str, *, queue: str | Non
     """Send a task that carries only an id; its queue comes from the routes above unless named (a GPU class)."""
     celery_for(settings).send_task(task_name, args=[object_id], **({"queue": queue} if queue else {}))
 
-
-LIVE_QUEUES_CACHE_SECONDS = 5.0
-LIVE_QUEUES_TIMEOUT_SECONDS = 1.0
-_live: dict[tuple[str, str], tuple[float, set[str] | None]] = {}
-
-
-def live_queues(settings: Settings) -> set[str] | None:
-    """Queues some live worker consumes, by broadcast (`inspect().active_queues()`), cached a few seconds.
-
-    Best effort: None when the broker could not be asked; an empty set when no worker answered.
-    """
-    key = (settings.broker_url, settings.broker_prefix)
-    cached = _live.get(key)
-    if cached and time.monotonic() - cached[0] < LIVE_QUEUES_CACHE_SECONDS:
-        return cached[1]
-    try:
-        replies = celery_for(settings).control.inspect(timeout=LIVE_QUEUES_TIMEOUT_SECONDS).active_queues() or {}
-        found: set[str] | None = {q["name"] for queues in replies.values() for q in queues or []}
-    except Exception:  # a broker that cannot broadcast, or is down: say nothing rather than something wrong
-        found = None
-    _live[key] = (time.monotonic(), found)
-    return found

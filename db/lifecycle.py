@@ -15,6 +15,7 @@ from db.clock import db_now
 from db.models import File, Job, JobEvent
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
+from db.repositories import workers as workers_repo
 from db.session import after_commit
 
 
@@ -98,6 +99,9 @@ def enqueue(session: Session, settings: Settings, job: Job) -> None:
     where = f" on {placement['class']} (queue {placement['queue']})" if placement.get("class") else ""
     add_event(session, job, f"Job queued for training{where}", data=placement or None)
     job_id, name = job.id, training_queue(job)
+    unserved = workers_repo.unserved_message(session, name, placement.get("class"))
+    if unserved:
+        add_event(session, job, unserved, level="warn", data={"code": "no_live_worker", "queue": name})
     after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job_id, queue=name))
 
 

@@ -142,3 +142,19 @@ class Checkpoint(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Double)
+
+
+class Worker(Base):
+    """A running worker process, as its last heartbeat described it (worker/heartbeat.py)."""
+
+    __tablename__ = "workers"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(255), unique=True)  # the Celery node name, e.g. gpu0@host
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[Any]] = mapped_column(JSON)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Double)
+    # By the database's clock (db/clock.py), so hosts whose clocks disagree agree on who is live.
+    last_seen_at: Mapped[float] = mapped_column(Double, index=True)

@@ -11,3 +11,4 @@ app.set_default()
 app.set_current()
 
 import worker.tasks  # noqa: E402,F401  registers the tasks on `app`
+import worker.heartbeat  # noqa: E402,F401  beats while the worker runs (queues, host)

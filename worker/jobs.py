@@ -7,8 +7,10 @@ checkpoint stored here.
 
 import csv
 import io
+import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -21,6 +23,7 @@ from core import queue, routing
 from core.archives import ARCHIVE_FORMATS, make_archive, sha256_file, unpack_archive
 from core.errors import InvalidRequest, LorajobsError, ObjectNotFound
 from core.ids import new_id
+from core.quality import best_checkpoint_index
 from core.settings import Settings, get_settings
 from core.spec import JobSpec
 from core.storage import Storage, get_storage
@@ -323,11 +326,14 @@ class JobRun:
                 log.warning("could not delete %s; garbage collection removes it", key)
 
     def _prune_checkpoints(self, session) -> list[str]:
-        """Drop the rows of checkpoints beyond the spec's limit; their keys, deleted once the rows are gone."""
+        """Drop the rows of the oldest checkpoints beyond the spec's limit, never the best one (the job's adapter may
+        be it); their keys, deleted once the rows are gone."""
         limit = self.job.spec.save_total_limit
         stored = repo.checkpoints(session, self.job.id)
+        best = best_checkpoint_index([c.metrics or {} for c in stored], self.job.spec.best_checkpoint_metric)
+        prunable = [c for i, c in enumerate(stored) if i != best]
         keys = []
-        for old in stored[: max(0, len(stored) - limit)] if limit else []:
+        for old in prunable[: max(0, len(stored) - limit)] if limit else []:
             keys += [old.storage_key] + [entry["key"] for entry in (old.artifacts or {}).values()]
             repo.delete_row(session, old)
         return keys
@@ -402,7 +408,7 @@ def _train_and_settle(settings: Settings, storage: Storage, job: ClaimedJob, own
             log.warning("lease lost; the failure is left to the job's new owner", exc_info=True,
                         extra={"job_id": job.id})
             return
-        _settle_failure(settings, job, owner, exc)
+        _settle_failure(settings, job, owner, exc, work)
 
 
 def _train(settings: Settings, storage: Storage, job: ClaimedJob, run: JobRun, work: Path):
@@ -444,6 +450,7 @@ def _settle_succeeded(settings: Settings, storage: Storage, job: ClaimedJob, own
     with transaction(settings.database_url) as session:
         results_file = lifecycle.store_result_file(session, storage, job.project_id,
                                                    filename=f"{job.id}-metrics.csv", data=run.metrics_csv(session))
+        result_files = [results_file.id, *_store_answers(session, storage, job, result)]
         row = repo.get_any(session, job.id)
         data = result.to_dict()
         progress = {**(row.progress or {}), "step": result.steps, "total_steps": result.total_steps, "percent": 100.0}
@@ -451,9 +458,25 @@ def _settle_succeeded(settings: Settings, storage: Storage, job: ClaimedJob, own
                    progress=progress,
                    fine_tuned_model=lifecycle.fine_tuned_model_name(row, job.project_name),
                    trained_tokens=result.trained_tokens, result=data, artifacts=archives,
-                   adapter_sha256=archives["tar.gz"]["sha256"], result_files=[results_file.id],
+                   adapter_sha256=archives["tar.gz"]["sha256"], result_files=result_files,
                    baseline_eval_loss=(data.get("baseline_eval") or {}).get("loss"),
                    final_eval_loss=(data.get("final_eval") or {}).get("loss"))
+
+
+def _store_answers(session, storage: Storage, job: ClaimedJob, result) -> list[str]:
+    """The held-out answers as a result file (JSONL), and their figures on the delivered checkpoint's metrics."""
+    if not result.answers:
+        return []
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.answers).encode()
+    answers_file = lifecycle.store_result_file(session, storage, job.project_id, filename=f"{job.id}-answers.jsonl",
+                                               data=data)
+    step = (result.best_checkpoint or {}).get("step", result.steps)
+    tuned = result.quality["tuned"]
+    for checkpoint in repo.checkpoints(session, job.id):
+        if checkpoint.step == step:
+            checkpoint.metrics = {**(checkpoint.metrics or {}), **{
+                key: tuned[key] for key in ("exact_match", "key_facts", "fact_recall") if tuned[key] is not None}}
+    return [answers_file.id]
 
 
 def _settle_stopped(settings: Settings, job: ClaimedJob, owner: str, run: JobRun, result) -> None:
@@ -541,12 +564,14 @@ def _device_memory_gib(device: str) -> float | None:
     return None
 
 
-def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Exception) -> None:
+def _settle_failure(settings: Settings, job: ClaimedJob, owner: str, exc: Exception, work: Path | None = None) -> None:
     """User-fixable errors fail at once with what to change; a GPU out of memory retries smaller or larger;
     failures of the infrastructure (storage, a full disk) are requeued without spending an attempt; others are
     retried a bounded number of times."""
     param = None
-    if disk_full(exc) and not isinstance(exc, InfrastructureFailure):
+    # torch.save reports a full disk as a RuntimeError with no errno: a failure while the work folder is full is one.
+    full = disk_full(exc) or (work is not None and work.exists() and shutil.disk_usage(work).free < FULL_DISK_BYTES)
+    if full and not isinstance(exc, InfrastructureFailure):
         exc = InfrastructureFailure("disk_full", f"The worker's disk is full ({exc}); free space on the worker or "
                                     "point LORAJOBS_WORK_DIR at a larger disk.")
     elif isinstance(exc, STORAGE_ERRORS):
@@ -587,6 +612,7 @@ def _settle_attempt_failed(settings: Settings, job: ClaimedJob, owner: str, code
 
 
 INFRA_RETRY_MAX_DELAY = 600.0
+FULL_DISK_BYTES = 1 << 20
 
 
 def _settle_infrastructure(settings: Settings, job: ClaimedJob, owner: str, failure: InfrastructureFailure) -> None:
@@ -598,7 +624,7 @@ def _settle_infrastructure(settings: Settings, job: ClaimedJob, owner: str, fail
             message = (f"{failure.message} (infrastructure retries: {retries} of {settings.max_infra_retries})"
                        if retries else failure.message)
             _settle_in(session, job, owner, status="failed", level="error", message=message,
-                       error={"code": failure.code, "message": message, "param": None})
+                       attempts=max(0, job.attempts - 1), error={"code": failure.code, "message": message, "param": None})
             return
         delay = min(settings.lease_seconds * 2**retries, INFRA_RETRY_MAX_DELAY)
         _settle_in(session, job, owner, status="queued", level="warn", attempts=max(0, job.attempts - 1),

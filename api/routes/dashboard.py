@@ -22,10 +22,11 @@ from api.dashboard.auth import project_for_key_hash
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.services import artifacts, files as files_service, jobs as jobs_service, models as models_service
 from api.services.projects import authenticate, hash_key
-from core import queue as broker
 from core.errors import AuthenticationError, Conflict, InvalidRequest, LorajobsError, PayloadTooLarge
 from core.settings import Settings
+from db import lifecycle
 from db.models import Job, Project
+from db.repositories import workers as workers_repo
 
 API_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Environment(loader=FileSystemLoader(API_ROOT / "templates"), autoescape=select_autoescape(default=True),
@@ -277,15 +278,12 @@ def _events(db, project: Project, job_id: str) -> tuple[list, list]:
     return shown, [event for event in events if event.type == "metrics"]
 
 
-def _unserved(settings: Settings, job: Job) -> str | None:
-    """For a job queued on a GPU class: a warning when no live worker consumes its queue (best effort)."""
+def _unserved(db, job: Job) -> str | None:
+    """For a queued job: a warning when no live worker consumes its queue (worker heartbeats)."""
+    if job.status != "queued":
+        return None
     placement = job.placement or {}
-    if job.status != "queued" or not placement.get("class"):
-        return None
-    live = broker.live_queues(settings)
-    if live is None or placement["queue"] in live:
-        return None
-    return f"No live worker serves {placement['class']} (queue {placement['queue']}): the job waits until one starts."
+    return workers_repo.unserved_message(db, lifecycle.training_queue(job), placement.get("class"))
 
 
 def _job_context(db, settings: Settings, project: Project, job: Job) -> dict[str, Any]:
@@ -300,7 +298,7 @@ def _job_context(db, settings: Settings, project: Project, job: Job) -> dict[str
         "evals": views.eval_comparison(job), "failure": views.failure(job),
         "fine_tuned_model": job.fine_tuned_model,
         "chart": {**series.as_json(), "total_steps": (job.progress or {}).get("total_steps")},
-        "plan": views.plan_view(job.plan, job.placement, unserved=_unserved(settings, job)),
+        "plan": views.plan_view(job.plan, job.placement, unserved=_unserved(db, job)),
     }
 
 

@@ -22,7 +22,6 @@ from api.schemas_jobs import (
     ServedEval,
     SupervisedMethod,
 )
-from core import queue as broker
 from core import routing
 from core.architectures import check_quantization, resolve_targets
 from core.catalogue import CatalogueModel, model_config, resolve_model
@@ -36,6 +35,7 @@ from db.models import Checkpoint, File, Job, JobEvent, Project
 from db import lifecycle
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
+from db.repositories import workers as workers_repo
 from db.repositories.pagination import Page
 
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -135,8 +135,8 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     ready = all(f.status == "processed" for f in (training, validation) if f is not None)
     plan = lifecycle.plan(settings, spec, training, separate_validation=validation is not None, config=config)
     placement = routing.place(settings, spec, plan) if ready else None
-    if placement is not None and placement.get("class"):
-        _note_unserved(settings, plan, placement)
+    if placement is not None:
+        _note_unserved(session, plan, placement)
     if dry_run:
         return plan
     job = Job(id=new_id("ftjob"), project_id=project.id, model=spec.model, training_file_id=training.id,
@@ -155,22 +155,18 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     lifecycle.add_event(session, job, f"Created fine-tuning job {job.id}")
     if ready:
         lifecycle.resolve_hyperparameters(job, training)
-        lifecycle.enqueue(session, settings, job)
-        if placement.get("unserved"):
-            lifecycle.add_event(session, job, placement["unserved"], level="warn")
+        lifecycle.enqueue(session, settings, job)  # warns in an event when no live worker serves its queue
     else:
         lifecycle.add_event(session, job, "Waiting for the dataset's validation to finish")
     return job
 
 
-def _note_unserved(settings: Settings, plan: Plan, placement: dict) -> None:
-    """Say in the plan when no live worker consumes the job's queue (best effort: unknown says nothing)."""
-    live = broker.live_queues(settings)
-    if live is not None and placement["queue"] not in live:
-        where = placement.get("class") or placement["queue"]
-        placement["unserved"] = (f"No live worker serves {where} (queue {placement['queue']}): the job waits until "
-                                 "one starts.")
-        plan.notes.append(placement["unserved"])
+def _note_unserved(session: Session, plan: Plan, placement: dict) -> None:
+    """Say in the plan when no live worker consumes the job's queue (worker heartbeats)."""
+    unserved = workers_repo.unserved_message(session, placement["queue"], placement.get("class"))
+    if unserved:
+        placement["unserved"] = unserved
+        plan.notes.append(unserved)
 
 
 def get(session: Session, project: Project, job_id: str) -> Job:

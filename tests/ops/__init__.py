@@ -1,0 +1,1 @@
+"""Operations: worker heartbeats, "no live worker", /readyz and /metrics."""
