@@ -2,13 +2,14 @@
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.errors import BUSY_MESSAGE
-from api.services.projects import authenticate
+from api.services.projects import Caller
 from core.errors import DatabaseBusy
 from core.settings import Settings
 from core.storage import Storage
@@ -24,23 +25,29 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def database_slot(request: Request) -> AsyncIterator[None]:
-    """One of the process's `db_pool_size` slots, held from the session's start to its end.
+@asynccontextmanager
+async def database_slot_of(app) -> AsyncIterator[None]:
+    """One of the process's `db_pool_size` slots, held from a session's start to its end.
 
     A session keeps its connection between the request's thread hops, and closing it needs a thread of its own:
     bounding threads alone let more requests than connections start, and they then waited on the pool while
     the requests that held it waited for a thread to close. Waiting here costs neither; past the pool timeout
     the request answers 503 with Retry-After.
     """
-    slots: asyncio.Semaphore = request.app.state.db_slots
+    slots: asyncio.Semaphore = app.state.db_slots
     try:
-        await asyncio.wait_for(slots.acquire(), timeout=request.app.state.pool.timeout)
+        await asyncio.wait_for(slots.acquire(), timeout=app.state.pool.timeout)
     except TimeoutError:
         raise DatabaseBusy(BUSY_MESSAGE) from None
     try:
         yield
     finally:
         slots.release()
+
+
+async def database_slot(request: Request) -> AsyncIterator[None]:
+    async with database_slot_of(request.app):
+        yield
 
 
 def get_session(request: Request, settings: SettingsDep,
@@ -67,8 +74,16 @@ def bearer_key(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
-def get_current_project(request: Request, session: SessionDep) -> Project:
-    return authenticate(session, bearer_key(request))
+async def get_caller(request: Request) -> Caller:
+    """The caller the gate (api/gate.py) authenticated from the headers, before any of the body was read."""
+    return request.state.caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_current_project(caller: CallerDep) -> Project:
+    return caller.project
 
 
 CurrentProject = Annotated[Project, Depends(get_current_project)]

@@ -34,14 +34,27 @@ def _validation_message(error: dict) -> str:
     return f"{param}: {message}" if param else message
 
 
-async def _lorajobs_error(_request: Request, exc: LorajobsError) -> JSONResponse:
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request."
+UNAVAILABLE_MESSAGE = "A service the API depends on is unavailable; retry shortly."
+
+
+def error_response(exc: LorajobsError) -> JSONResponse:
+    """The envelope of a domain error. A server error's own text (a database, broker or S3 message) goes to the
+    log under the request id, never to the client: the body says only what kind of failure it was."""
+    message = exc.message
     if exc.status_code >= 500:
         log.error("server error: %s", exc.message)
-    response = envelope(exc.status_code, exc.message, type_=exc.error_type, param=exc.param, code=exc.code,
+        if not isinstance(exc, DatabaseBusy):
+            message = UNAVAILABLE_MESSAGE if exc.status_code == 503 else SERVER_ERROR_MESSAGE
+    response = envelope(exc.status_code, message, type_=exc.error_type, param=exc.param, code=exc.code,
                         retry=False if not exc.retryable else None, extra=exc.extra)
     if exc.retry_after is not None:
         response.headers["retry-after"] = str(exc.retry_after)
     return response
+
+
+async def _lorajobs_error(_request: Request, exc: LorajobsError) -> JSONResponse:
+    return error_response(exc)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -77,8 +90,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 
 async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return envelope(500, "The server had an error while processing your request.", type_="server_error",
-                    code="internal_error")
+    return envelope(500, SERVER_ERROR_MESSAGE, type_="server_error", code="internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

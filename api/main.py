@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from starlette.datastructures import Headers, MutableHeaders
 
 from api.deps import get_current_project
-from api.errors import envelope, install_error_handlers
+from api.errors import install_error_handlers
+from api.gate import Gate
 from api.routes import dashboard, files, health, jobs, metrics, models
 from api.services.metrics import ApiLatency
 from core.logging import configure_logging, request_id_var
@@ -21,17 +22,14 @@ from db.session import PoolConfig
 log = logging.getLogger("lorajobs.api")
 
 
-MULTIPART_OVERHEAD = 64 * 1024
-
-
 class RequestContext:
-    """Request id (taken from `x-request-id` or made), access log, and the upload size gate.
+    """Request id (taken from `x-request-id` or made) and access log, around the gate (api/gate.py).
 
     A plain ASGI middleware: Starlette's `BaseHTTPMiddleware` costs a task and a stream per request.
     """
 
-    def __init__(self, app, settings: Settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -50,28 +48,12 @@ class RequestContext:
             await send(message)
 
         try:
-            too_large = upload_too_large(scope, headers, self.settings)
-            if too_large is not None:
-                await too_large(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
         finally:
             if log.isEnabledFor(logging.INFO):
                 log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
                                            "ms": round((time.perf_counter() - started) * 1000, 1)})
             request_id_var.reset(token)
-
-
-def upload_too_large(scope, headers: Headers, settings: Settings):
-    """Refuse an upload whose declared size is over the limit before reading its body."""
-    if scope["method"] != "POST" or scope["path"] != "/v1/files":
-        return None
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-        return envelope(413, f"The file is larger than the {settings.max_upload_bytes:,}-byte limit "
-                        "(LORAJOBS_MAX_UPLOAD_BYTES).", type_="invalid_request_error", param="file",
-                        code="file_too_large")
-    return None
 
 
 def connection_budget(settings: Settings):
@@ -98,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = get_storage(settings)
     install_error_handlers(app)
 
-    app.add_middleware(RequestContext, settings=settings)
+    app.add_middleware(Gate, settings=settings)  # added first: it runs inside RequestContext
+    app.add_middleware(RequestContext)
     app.add_middleware(ApiLatency)  # outermost: times the whole answer, refusals by the gate included
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_current_project)])

@@ -160,8 +160,13 @@ def cmd_download(args) -> int:
             first = response.history[0] if response.history else response
             expected = first.headers.get("x-content-sha256")
     actual = sha256_file(archive)
-    if expected and actual != expected:
+    if not expected:
+        sys.exit("lorajobs: the server sent no x-content-sha256 for the download; refusing to unpack it unchecked")
+    if actual != expected:
         sys.exit(f"lorajobs: the download is corrupt (sha256 {actual}, expected {expected}); try again")
-    unpack_archive(archive, out)
+    try:
+        unpack_archive(archive, out, fmt="tar.gz")
+    except ValueError as exc:
+        sys.exit(f"lorajobs: refusing to unpack {archive}: {exc}")
     print(f"adapter unpacked into {out}/ (sha256 {actual}, verified)")
     return 0

@@ -12,6 +12,8 @@ def register(sub) -> None:
     create = keys.add_parser("create", help="Create a key for a project (created if new); printed once.")
     create.add_argument("--project", required=True)
     create.add_argument("--name", help="A label for the key.")
+    create.add_argument("--read-only", action="store_true",
+                        help="A key that can only read (GET): for dashboards and monitoring; writes answer 403.")
     create.set_defaults(handler=cmd_create)
     listing = keys.add_parser("list", help="List keys (prefix, project, state).")
     listing.add_argument("--project")
@@ -23,7 +25,7 @@ def register(sub) -> None:
 
 def cmd_create(args) -> int:
     with transaction(get_settings().database_url) as session:
-        new = projects.create_key(session, args.project, name=args.name)
+        new = projects.create_key(session, args.project, name=args.name, read_only=args.read_only)
     print(new.key)
     print(f"# key {new.row.id} for project '{new.project.name}': store it now, it is not shown again.")
     return 0
@@ -35,7 +37,7 @@ def cmd_list(args) -> int:
         print(f"{'ID':<22} {'PREFIX':<13} {'PROJECT':<20} {'CREATED':<20} STATE")
         for key, project in rows:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(key.created_at))
-            state = "revoked" if key.revoked_at else "active"
+            state = "revoked" if key.revoked_at else "active, read-only" if key.read_only else "active"
             print(f"{key.id:<22} {key.prefix + '…':<13} {project.name:<20} {created:<20} {state}")
     return 0
 

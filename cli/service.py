@@ -61,7 +61,26 @@ def prepare(settings: Settings) -> None:
         storage.ensure_bucket()
     if settings.bootstrap_api_key:
         with transaction(settings.database_url) as session:
-            ensure_bootstrap_key(session, settings.bootstrap_api_key)
+            warning = ensure_bootstrap_key(session, settings.bootstrap_api_key, settings)
+        if warning:
+            log.warning("%s", warning)
+
+
+def exposure_refusal(settings: Settings, host: str) -> str | None:
+    """Why the API must not bind `host`: off loopback, nothing publicly known may sign requests or sessions."""
+    from api.services.projects import active_public_keys
+    from core.settings import LOOPBACK_HOSTS
+    from db.session import transaction
+
+    if host in LOOPBACK_HOSTS or host.startswith("127."):
+        return None
+    problems = settings.exposure_problems()
+    with transaction(settings.database_url) as session:
+        problems += [f"the public API key {key} is active (lorajobs keys revoke {key[:11]})"
+                     for key in active_public_keys(session, settings)]
+    if not problems:
+        return None
+    return f"refusing to listen on {host}: " + "; ".join(problems) + " (docs/security.md)"
 
 
 def cmd_migrate(args) -> int:
@@ -80,6 +99,11 @@ def cmd_api(args) -> int:
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    host = args.host or settings.host
+    refusal = exposure_refusal(settings, host)
+    if refusal:
+        print(f"lorajobs api: {refusal}", file=sys.stderr)
+        return 2
     workers = args.workers or settings.api_workers
     problem = connection_budget_problem(settings.database_url, workers, settings.db_pool_size,
                                         settings.db_reserved_connections, settings.db_max_connections)
@@ -89,8 +113,9 @@ def cmd_api(args) -> int:
         return 2
     # Several processes need an import string; each builds the app from the same environment.
     app = "api.main:create_served_app" if workers > 1 else create_app(settings)
-    uvicorn.run(app, factory=workers > 1, workers=workers, host=args.host or settings.host,
-                port=args.port or settings.port, log_config=None, access_log=False)
+    uvicorn.run(app, factory=workers > 1, workers=workers, host=host, port=args.port or settings.port,
+                log_config=None, access_log=False, proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips)
     return 0
 
 
@@ -176,6 +201,10 @@ def cmd_up(args) -> int:
         log.info("installing %s into the model catalogue (once, about 30 s)", SMOLLM2_ID)
         install_smollm2(settings.models_dir)
     host, port = args.host or settings.host, args.port or settings.port
+    refusal = exposure_refusal(settings, host)
+    if refusal:
+        print(f"lorajobs up: {refusal}", file=sys.stderr)
+        return 2
     commands = _part_commands(settings, host, port)
     parts = {name: _start_part(cmd) for name, cmd in commands.items()}
     log.info("lorajobs is up: API on http://%s:%s (docs at /docs); Ctrl-C stops every part", host, port)

@@ -28,6 +28,12 @@ class AuthenticationError(LorajobsError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(LorajobsError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFound(LorajobsError):
     status_code = 404
     code = "not_found"

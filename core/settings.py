@@ -4,10 +4,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "changethis", "secret", "password", "admin", "test"}
+PUBLIC_API_KEYS = {"lj-local-dev-key"}  # printed in the README and set by `make run`: anyone knows them
+MIN_PRODUCTION_SECRET_BYTES = 32
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
 class Settings(BaseSettings):
@@ -60,6 +63,22 @@ class Settings(BaseSettings):
     )
     secret_key: str = Field(
         "dev-insecure-secret-key", description="Signs dashboard sessions and CSRF tokens; must be set in production."
+    )
+    api_key_pepper: str = Field(
+        "", description="Server-side secret API keys are hashed with (HMAC-SHA256); empty: derived from "
+        "`LORAJOBS_SECRET_KEY`. Changing it invalidates every key."
+    )
+    cookie_secure: bool | None = Field(
+        None, description="Mark the dashboard cookie `Secure`; unset: on in production, else when the request is HTTPS."
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="Proxies whose X-Forwarded-Proto/For uvicorn trusts (comma-separated, `*` for any)."
+    )
+    presign_expiry_seconds: int = Field(
+        600, ge=1, le=7 * 86400, description="Lifetime of the presigned download URLs the API redirects to."
+    )
+    max_json_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest JSON or form body any route accepts (bytes); uploads have their own limit."
     )
     max_upload_bytes: int = Field(1 << 30, description="Largest file `POST /v1/files` accepts (bytes).")
     write_retry_seconds: float = Field(
@@ -116,13 +135,25 @@ class Settings(BaseSettings):
 
             parse_gpu_classes(self.gpu_classes)  # a typo fails at start, not at the first job
         if self.environment == "production":
-            if self.secret_key.lower() in PLACEHOLDER_SECRETS or self.secret_key.startswith("dev-"):
-                raise ValueError("LORAJOBS_SECRET_KEY must be set to a real secret in production")
+            problems = self.exposure_problems()
+            if problems:
+                raise ValueError("; ".join(problems) + " (LORAJOBS_ENVIRONMENT=production)")
+            if len(self.secret_key.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+                raise ValueError(f"LORAJOBS_SECRET_KEY is too short for production "
+                                 f"({MIN_PRODUCTION_SECRET_BYTES} bytes at least)")
+            if self.api_key_pepper and len(self.api_key_pepper.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+                raise ValueError(f"LORAJOBS_API_KEY_PEPPER is too short for production "
+                                 f"({MIN_PRODUCTION_SECRET_BYTES} bytes at least)")
             if self.bootstrap_api_key is not None and len(self.bootstrap_api_key) < 20:
                 raise ValueError("LORAJOBS_BOOTSTRAP_API_KEY is too short for production (20 characters at least)")
         return self
 
     @property
+    @field_validator("bootstrap_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return value or None  # compose passes an unset variable as ""
+
     def broker_folder(self) -> Path:
         """Folder of Celery's filesystem transport (embedded default)."""
         return self.data_dir / "broker"
@@ -131,3 +162,17 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+    def exposure_problems(self) -> list[str]:
+        """Why this configuration must not be reachable from other machines: publicly known secrets or keys."""
+        problems = []
+        if self.secret_key.lower() in PLACEHOLDER_SECRETS or self.secret_key.startswith("dev-"):
+            problems.append("LORAJOBS_SECRET_KEY is a placeholder")
+        if self.bootstrap_api_key in PUBLIC_API_KEYS:
+            problems.append(f"LORAJOBS_BOOTSTRAP_API_KEY is the public key {self.bootstrap_api_key}")
+        return problems
+
+    @property
+    def secure_cookies(self) -> bool | None:
+        """`Secure` on the dashboard cookie: the setting, on in production; None: decide by the request's scheme."""
+        return True if self.cookie_secure is None and self.environment == "production" else self.cookie_secure
+

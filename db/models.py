@@ -33,7 +33,23 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[float] = mapped_column(Double)
-    last_used_at: Mapped[float | None] = mapped_column(Double)
+    last_used_at: Mapped[float | None] = mapped_column(Double)  # updated at most once a minute
+    revoked_at: Mapped[float | None] = mapped_column(Double)
+    # `hmac-sha256` under the server's pepper; `sha256`: a key made before the pepper, rehashed when next used.
+    hash_scheme: Mapped[str] = mapped_column(String(16), default="hmac-sha256", server_default="sha256")
+    read_only: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard session: the cookie names it, signing out (or revoking the key) ends it here."""
+
+    __tablename__ = "dashboard_sessions"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double)
     revoked_at: Mapped[float | None] = mapped_column(Double)
 
 

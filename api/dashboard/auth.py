@@ -1,15 +1,14 @@
-"""Who a dashboard session belongs to: the project of its API key, looked up again on every request."""
+"""Who a dashboard session belongs to: its server-side session and API key, looked up again on every request."""
 
 from sqlalchemy.orm import Session
 
+from api.dashboard.session import DashboardSession
 from api.services import projects
-from core.errors import AuthenticationError
-from db.models import Project
+from api.services.projects import Caller
 
 
-def project_for_key_hash(db: Session, key_hash: str) -> Project | None:
-    """The project of the active API key with this sha256; None once the key is revoked or gone."""
-    try:
-        return projects.authenticate_key_hash(db, key_hash)
-    except AuthenticationError:
+def signed_in_caller(db: Session, cookie: DashboardSession | None) -> Caller | None:
+    """The caller of the cookie's live session; None when not signed in, signed out, expired or the key revoked."""
+    if cookie is None or not cookie.signed_in:
         return None
+    return projects.dashboard_caller(db, cookie.session_id)

@@ -1,8 +1,9 @@
 """The dashboard's session cookie and CSRF tokens, signed with HMAC-SHA256 under `settings.secret_key`.
 
-The cookie holds a random nonce and, once signed in, the sha256 of the API key (never the key):
-the key is looked up again on every request, so revoking it signs the person out. A CSRF token is
-an HMAC of the nonce, so it is tied to one session and changes when the person signs in or out.
+The cookie holds a random nonce and, once signed in, the id of a server-side session (never the key
+or its hash): the session and its key are looked up again on every request, so signing out or revoking
+the key ends it for good, even for a copy of the cookie. A CSRF token is an HMAC of the nonce, so it is
+tied to one session and changes when the person signs in or out.
 """
 
 import base64
@@ -13,19 +14,21 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from api.services.projects import DASHBOARD_SESSION_SECONDS
+
 COOKIE_NAME = "lorajobs_session"
-MAX_AGE_SECONDS = 12 * 3600
+MAX_AGE_SECONDS = DASHBOARD_SESSION_SECONDS
 
 
 @dataclass(frozen=True)
 class DashboardSession:
     nonce: str
     issued_at: int  # whole seconds, as the cookie carries them
-    key_hash: str | None = None
+    session_id: str | None = None  # a row of dashboard_sessions once signed in
 
     @property
     def signed_in(self) -> bool:
-        return self.key_hash is not None
+        return self.session_id is not None
 
 
 def _b64(data: bytes) -> str:
@@ -41,15 +44,15 @@ def _mac(secret: str, purpose: str, message: str) -> str:
     return _b64(hmac.new(secret.encode(), f"{purpose}|{message}".encode(), hashlib.sha256).digest())
 
 
-def new_session(key_hash: str | None = None) -> DashboardSession:
+def new_session(session_id: str | None = None) -> DashboardSession:
     """A fresh nonce: signing in or out never keeps the previous session's CSRF token valid."""
-    return DashboardSession(nonce=secrets.token_urlsafe(18), issued_at=int(time.time()), key_hash=key_hash)
+    return DashboardSession(nonce=secrets.token_urlsafe(18), issued_at=int(time.time()), session_id=session_id)
 
 
 def encode(session: DashboardSession, secret: str) -> str:
     payload = {"n": session.nonce, "t": session.issued_at}
-    if session.key_hash:
-        payload["k"] = session.key_hash
+    if session.session_id:
+        payload["s"] = session.session_id
     body = _b64(json.dumps(payload, separators=(",", ":")).encode())
     return f"{body}.{_mac(secret, 'session', body)}"
 
@@ -61,7 +64,7 @@ def decode(cookie: str | None, secret: str, now: float | None = None) -> Dashboa
         return None
     try:
         payload = json.loads(_unb64(body))
-        session = DashboardSession(nonce=str(payload["n"]), issued_at=int(payload["t"]), key_hash=payload.get("k"))
+        session = DashboardSession(nonce=str(payload["n"]), issued_at=int(payload["t"]), session_id=payload.get("s"))
     except (ValueError, KeyError, TypeError):
         return None
     if (now or time.time()) - session.issued_at > MAX_AGE_SECONDS:

@@ -18,10 +18,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 
 from api.dashboard import forms, session as cookies, views
-from api.dashboard.auth import project_for_key_hash
+from api.dashboard.auth import signed_in_caller
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.services import artifacts, files as files_service, jobs as jobs_service, models as models_service
-from api.services.projects import authenticate, hash_key
+from api.services.projects import authenticate, end_dashboard_session, start_dashboard_session
 from core.errors import AuthenticationError, Conflict, InvalidRequest, LorajobsError, PayloadTooLarge
 from core.settings import Settings
 from db import lifecycle
@@ -122,14 +122,14 @@ CookieSession = Annotated[cookies.DashboardSession | None, Depends(session_of)]
 
 
 def signed_in_project(request: Request, db: SessionDep, session: CookieSession) -> Project:
-    """The project of the session's API key, checked again on every request."""
+    """The project of the session's API key; the session and the key are checked again on every request."""
     if session is None or not session.signed_in:
         raise SignInRequired()
-    project = project_for_key_hash(db, session.key_hash)
-    if project is None:
+    caller = signed_in_caller(db, session)
+    if caller is None:
         raise SignInRequired("revoked")
     request.state.session = session
-    return project
+    return caller.project
 
 
 DashboardProject = Annotated[Project, Depends(signed_in_project)]
@@ -144,9 +144,11 @@ CsrfChecked = Depends(check_csrf)
 
 
 def set_session_cookie(request: Request, response: Response, session: cookies.DashboardSession) -> None:
-    response.set_cookie(cookies.COOKIE_NAME, cookies.encode(session, request.app.state.settings.secret_key),
-                        max_age=cookies.MAX_AGE_SECONDS, httponly=True, samesite="lax", path="/",
-                        secure=request.url.scheme == "https")
+    settings: Settings = request.app.state.settings
+    # The scheme is the client's behind a proxy uvicorn trusts (LORAJOBS_FORWARDED_ALLOW_IPS).
+    secure = settings.secure_cookies if settings.secure_cookies is not None else request.url.scheme == "https"
+    response.set_cookie(cookies.COOKIE_NAME, cookies.encode(session, settings.secret_key),
+                        max_age=cookies.MAX_AGE_SECONDS, httponly=True, samesite="lax", path="/", secure=secure)
 
 
 def render(request: Request, template: str, *, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -189,7 +191,7 @@ def _see_other(url: str) -> RedirectResponse:
 
 @router.get("/")
 def home(db: SessionDep, session: CookieSession) -> RedirectResponse:
-    signed_in = session is not None and session.signed_in and project_for_key_hash(db, session.key_hash)
+    signed_in = signed_in_caller(db, session) is not None
     return _see_other("/jobs" if signed_in else "/login")
 
 
@@ -204,7 +206,7 @@ def _login_page(request: Request, session: cookies.DashboardSession, *, next_url
 @router.get("/login")
 def login_form(request: Request, db: SessionDep, session: CookieSession, next: str | None = None,
                reason: str | None = None) -> Response:
-    if session is not None and session.signed_in and project_for_key_hash(db, session.key_hash):
+    if signed_in_caller(db, session) is not None:
         return _see_other(_safe_next(next))
     notice = "Your API key is no longer active; sign in with an active key." if reason == "revoked" else None
     fresh = session if session is not None and not session.signed_in else cookies.new_session()
@@ -212,21 +214,23 @@ def login_form(request: Request, db: SessionDep, session: CookieSession, next: s
 
 
 @router.post("/login", dependencies=[CsrfChecked])
-def login(request: Request, db: SessionDep, session: CookieSession, api_key: Annotated[str, Form()] = "",
-          next: Annotated[str, Form()] = "/jobs") -> Response:
+def login(request: Request, db: SessionDep, settings: SettingsDep, session: CookieSession,
+          api_key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/jobs") -> Response:
     key = api_key.strip()
     try:
-        authenticate(db, key)
+        caller = authenticate(db, key, settings)
     except AuthenticationError:
         error = "Enter your API key." if not key else "That API key is not valid or has been revoked."
         return _login_page(request, session, next_url=_safe_next(next), error=error, status=401)
     response = _see_other(_safe_next(next))
-    set_session_cookie(request, response, cookies.new_session(hash_key(key)))
+    set_session_cookie(request, response, cookies.new_session(start_dashboard_session(db, caller).id))
     return response
 
 
 @router.post("/logout", dependencies=[CsrfChecked])
-def logout(request: Request) -> Response:
+def logout(request: Request, db: SessionDep, session: CookieSession) -> Response:
+    if session is not None and session.signed_in:
+        end_dashboard_session(db, session.session_id)  # a copy of the cookie is signed out too
     response = _see_other("/login")
     set_session_cookie(request, response, cookies.new_session())
     return response

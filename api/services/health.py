@@ -1,4 +1,10 @@
-"""Readiness: the database, the broker and object storage each answer."""
+"""Readiness: the database, the broker and object storage each answer.
+
+The probe is unauthenticated, so it says only which part failed; why (a driver's, the broker's or S3's own
+text, which can name hosts, users and buckets) is logged under the request id.
+"""
+
+import logging
 
 from sqlalchemy import text
 
@@ -7,6 +13,8 @@ from core.queue import celery_for
 from core.settings import Settings
 from core.storage import Storage
 from db.session import session_factory
+
+log = logging.getLogger("lorajobs.api")
 
 
 def _check_database(settings: Settings) -> None:
@@ -27,8 +35,8 @@ def readiness(settings: Settings, storage: Storage) -> dict[str, str]:
         try:
             check()
             results[name] = "ok"
-        except LorajobsError as exc:
-            results[name] = exc.message
-        except Exception as exc:  # a probe reports any failure as text, it never raises
-            results[name] = f"{type(exc).__name__}: {exc}"[:300]
+        except Exception as exc:  # a probe reports any failure, it never raises
+            detail = exc.message if isinstance(exc, LorajobsError) else f"{type(exc).__name__}: {exc}"
+            log.warning("not ready: %s: %s", name, detail[:500])
+            results[name] = "unavailable"
     return results

@@ -20,5 +20,6 @@ def get_storage(settings: Settings) -> Storage:
         from core.storage.s3 import S3Storage
 
         return S3Storage(bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                         public_endpoint_url=settings.s3_public_endpoint_url)
+                         public_endpoint_url=settings.s3_public_endpoint_url,
+                         presign_seconds=settings.presign_expiry_seconds)
     raise ValueError(f"LORAJOBS_STORAGE_URL must be file://PATH or s3://BUCKET[/prefix], not {url!r}")

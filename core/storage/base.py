@@ -187,8 +187,9 @@ class Storage(ABC):
         """Keys starting with `prefix`, sorted."""
 
     @abstractmethod
-    def presigned_get_url(self, key: str, *, expires: int = 3600, filename: str | None = None) -> str | None:
-        """A URL anyone can GET for `expires` seconds (downloaded as `filename`), or None where unsupported."""
+    def presigned_get_url(self, key: str, *, expires: int | None = None, filename: str | None = None) -> str | None:
+        """A URL anyone can GET for `expires` seconds (default: the storage's `LORAJOBS_PRESIGN_EXPIRY_SECONDS`),
+        downloaded as `filename`, or None where unsupported."""
 
     @abstractmethod
     def check(self) -> None:

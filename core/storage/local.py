@@ -73,7 +73,7 @@ class LocalStorage(Storage):
                     keys.append(key)
         return sorted(keys)
 
-    def presigned_get_url(self, key: str, *, expires: int = 3600, filename: str | None = None) -> str | None:
+    def presigned_get_url(self, key: str, *, expires: int | None = None, filename: str | None = None) -> str | None:
         return None
 
     def check(self) -> None:

@@ -47,8 +47,9 @@ class S3Storage(Storage):
     """Keys live under `prefix` in `bucket`; credentials come from boto3's default chain (AWS_* variables...)."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str = "us-east-1", public_endpoint_url: str | None = None):
+                 region: str = "us-east-1", public_endpoint_url: str | None = None, presign_seconds: int = 600):
         self.bucket = bucket
+        self.presign_seconds = presign_seconds
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
         self.region = region
@@ -161,11 +162,12 @@ class S3Storage(Storage):
                                    f"{failed.get('Code')} ({len(answer['Errors'])} keys failed).")
         return len(keys)
 
-    def presigned_get_url(self, key: str, *, expires: int = 3600, filename: str | None = None) -> str | None:
+    def presigned_get_url(self, key: str, *, expires: int | None = None, filename: str | None = None) -> str | None:
         params = {"Bucket": self.bucket, "Key": self._full_key(key)}
         if filename:
             params["ResponseContentDisposition"] = attachment(filename)
-        return self._signing_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        return self._signing_client.generate_presigned_url("get_object", Params=params,
+                                                           ExpiresIn=expires or self.presign_seconds)
 
     def check(self) -> None:
         try:

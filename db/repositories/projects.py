@@ -1,9 +1,9 @@
-"""Queries on projects and their API keys."""
+"""Queries on projects, their API keys and the dashboard sessions signed in with them."""
 
-from sqlalchemy import select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import ApiKey, Project
+from db.models import ApiKey, DashboardSession, Project
 
 
 def get_project_by_name(session: Session, name: str) -> Project | None:
@@ -14,20 +14,32 @@ def get_project(session: Session, project_id: str) -> Project | None:
     return session.scalar(select(Project).where(Project.id == project_id))
 
 
-def add(session: Session, row: Project | ApiKey) -> None:
+def add(session: Session, row: Project | ApiKey | DashboardSession) -> None:
     session.add(row)
     session.flush()
 
 
-def get_active_key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
-    return session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+def _hash_matches(hashes: dict[str, str]):
+    """A key row whose hash under its own scheme is one of `hashes` ({scheme: hash})."""
+    return or_(*(and_(ApiKey.hash_scheme == scheme, ApiKey.key_hash == value) for scheme, value in hashes.items()))
 
 
-def get_project_by_active_key_hash(session: Session, key_hash: str) -> Project | None:
-    """The project of an active key, in one query (every API request asks it)."""
-    stmt = (select(Project).join(ApiKey, ApiKey.project_id == Project.id)
-            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
-    return session.scalar(stmt)
+def get_key_by_hashes(session: Session, hashes: dict[str, str]) -> ApiKey | None:
+    """The key row, active or revoked, with one of these hashes."""
+    return session.scalar(select(ApiKey).where(_hash_matches(hashes)))
+
+
+def get_active_key_and_project(session: Session, hashes: dict[str, str]) -> tuple[ApiKey, Project] | None:
+    """The active key with one of these hashes and its project, in one query (every API request asks it)."""
+    stmt = (select(ApiKey, Project).join(Project, ApiKey.project_id == Project.id)
+            .where(_hash_matches(hashes), ApiKey.revoked_at.is_(None)))
+    row = session.execute(stmt).first()
+    return (row[0], row[1]) if row else None
+
+
+def active_keys_named(session: Session, project_id: str, name: str) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.project_id == project_id, ApiKey.name == name,
+                                                     ApiKey.revoked_at.is_(None))))
 
 
 def list_keys(session: Session, project_id: str | None = None) -> list[tuple[ApiKey, Project]]:
@@ -35,3 +47,23 @@ def list_keys(session: Session, project_id: str | None = None) -> list[tuple[Api
     if project_id:
         stmt = stmt.where(ApiKey.project_id == project_id)
     return [(key, project) for key, project in session.execute(stmt)]
+
+
+def get_live_dashboard_session(session: Session, session_id: str,
+                               now: float) -> tuple[DashboardSession, ApiKey, Project] | None:
+    """A signed-in session that is neither signed out nor expired, whose key is still active, with its project."""
+    stmt = (select(DashboardSession, ApiKey, Project)
+            .join(ApiKey, ApiKey.id == DashboardSession.api_key_id)
+            .join(Project, Project.id == ApiKey.project_id)
+            .where(DashboardSession.id == session_id, DashboardSession.revoked_at.is_(None),
+                   DashboardSession.expires_at > now, ApiKey.revoked_at.is_(None)))
+    row = session.execute(stmt).first()
+    return (row[0], row[1], row[2]) if row else None
+
+
+def get_dashboard_session(session: Session, session_id: str) -> DashboardSession | None:
+    return session.scalar(select(DashboardSession).where(DashboardSession.id == session_id))
+
+
+def delete_expired_dashboard_sessions(session: Session, now: float) -> None:
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at <= now))

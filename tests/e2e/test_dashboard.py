@@ -187,7 +187,7 @@ def test_cancel_from_the_job_page_and_only_the_own_project_is_visible(stack, set
 
 def test_a_session_cookie_holds_no_key_and_refuses_tampering_and_age():
     secret = "a-test-secret"
-    signed_in = cookies.new_session(key_hash="ab" * 32)
+    signed_in = cookies.new_session(session_id="ab" * 16)
     value = cookies.encode(signed_in, secret)
     assert cookies.decode(value, secret) == signed_in
     body, _, signature = value.partition(".")
