@@ -143,3 +143,4 @@ class CheckpointObject(BaseModel):
     metrics: CheckpointMetrics
     step_number: int
     sha256: str
+    pause_requested: bool = False

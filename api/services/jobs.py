@@ -301,7 +301,8 @@ def to_object(job: Job, project: Project, position: tuple[int, float | None] | N
         learning_rate=(job.hyperparameters or {}).get("learning_rate") or spec.get("learning_rate"), spec=spec,
         resolved_hyperparameters=job.hyperparameters, progress=progress, baseline_eval_loss=job.baseline_eval_loss,
         final_eval_loss=job.final_eval_loss, adapter_sha256=job.adapter_sha256,
-        cancel_requested=job.cancel_requested, attempts=job.attempts, **(job.parameters or {}),
+        cancel_requested=job.cancel_requested, pause_requested=job.pause_requested, attempts=job.attempts,
+        **(job.parameters or {}),
         chat_template=(job.result or {}).get("chat_template"), served_eval=served_eval(job.result),
         plan=job.plan, placement=job.placement, queue_position=position[0] if position else None,
     )
