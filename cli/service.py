@@ -38,9 +38,14 @@ def register(sub) -> None:
     worker.add_argument("--hostname", help="Celery node name.")
     worker.set_defaults(handler=cmd_worker)
 
-    sweeper = sub.add_parser("sweeper", help="Requeue jobs whose worker was lost (run one per deployment).")
+    sweeper = sub.add_parser("sweeper", help="Requeue jobs whose worker was lost, resend lost messages and collect "
+                             "garbage every LORAJOBS_GC_INTERVAL_SECONDS (one or more per deployment).")
     sweeper.add_argument("--once", action="store_true", help="Sweep once and exit.")
     sweeper.set_defaults(handler=cmd_sweeper)
+
+    gc = sub.add_parser("gc", help="Remove orphans: incomplete uploads, objects no row names and dead workers' work "
+                        "folders older than LORAJOBS_GC_GRACE_SECONDS (safe while jobs run).")
+    gc.set_defaults(handler=cmd_gc)
 
     migrate = sub.add_parser("migrate", help="Bring the database schema to the latest revision.")
     migrate.add_argument("--revision", default="head")
@@ -167,10 +172,12 @@ def cmd_worker(args) -> int:
 
 
 def cmd_sweeper(args) -> int:
+    from worker.gc import collect
     from worker.sweep import sweep
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    collected_at = None
     while True:
         try:
             sweep()
@@ -178,7 +185,25 @@ def cmd_sweeper(args) -> int:
             log.exception("sweep failed")
         if args.once:
             return 0
+        due = collected_at is None or time.monotonic() - collected_at >= settings.gc_interval_seconds
+        if settings.gc_interval_seconds and due:
+            collected_at = time.monotonic()
+            try:
+                collect(settings)
+            except Exception:  # storage or database away: the next interval tries again
+                log.exception("garbage collection failed")
         time.sleep(settings.sweep_interval_seconds)
+
+
+def cmd_gc(args) -> int:
+    import json
+
+    from worker.gc import collect
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    print(json.dumps(collect(settings)))
+    return 0
 
 
 def _part_commands(settings: Settings, host: str, port: int) -> dict[str, list[str]]:

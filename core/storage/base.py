@@ -187,6 +187,15 @@ class Storage(ABC):
         """Keys starting with `prefix`, sorted."""
 
     @abstractmethod
+    def list_objects(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, last modified in seconds since the epoch) of every key starting with `prefix`, sorted by key."""
+
+    @abstractmethod
+    def abort_incomplete_uploads(self, started_before: float) -> int:
+        """Discard writes begun before `started_before` that never completed (S3 multipart uploads, a local
+        folder's temporary files) and return how many; later ones may still be in progress."""
+
+    @abstractmethod
     def presigned_get_url(self, key: str, *, expires: int | None = None, filename: str | None = None) -> str | None:
         """A URL anyone can GET for `expires` seconds (default: the storage's `LORAJOBS_PRESIGN_EXPIRY_SECONDS`),
         downloaded as `filename`, or None where unsupported."""

@@ -61,17 +61,32 @@ class LocalStorage(Storage):
         return len(keys)
 
     def list_keys(self, prefix: str) -> list[str]:
+        return [key for key, _ in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str) -> list[tuple[str, float]]:
         check_prefix(prefix)
         # Walk only the deepest folder the prefix names; hidden files are writes still in progress.
         top = self.root / prefix.rpartition("/")[0]
-        keys = []
+        found = []
         for folder, _, names in os.walk(top):
             relative = Path(folder).relative_to(self.root).as_posix()
             for name in names:
                 key = name if relative == "." else f"{relative}/{name}"
                 if not name.startswith(".") and key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
+                    found.append((key, (Path(folder) / name).stat().st_mtime))
+        return sorted(found)
+
+    def abort_incomplete_uploads(self, started_before: float) -> int:
+        """The hidden `.NAME.*.partial` files `write_atomically` leaves behind when its process dies mid-write."""
+        removed = 0
+        for partial in self.root.rglob(".*.partial"):
+            try:
+                if partial.stat().st_mtime < started_before:
+                    partial.unlink()
+                    removed += 1
+            except FileNotFoundError:  # completed or removed meanwhile
+                continue
+        return removed
 
     def presigned_get_url(self, key: str, *, expires: int | None = None, filename: str | None = None) -> str | None:
         return None

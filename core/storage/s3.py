@@ -150,6 +150,27 @@ class S3Storage(Storage):
     def list_keys(self, prefix: str) -> list[str]:
         return sorted(key.removeprefix(self.prefix) for key in self._list_full_keys(prefix))
 
+    def list_objects(self, prefix: str) -> list[tuple[str, float]]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                        Prefix=self.prefix + check_prefix(prefix))
+        with self._errors("list", prefix):
+            return sorted((item["Key"].removeprefix(self.prefix), item["LastModified"].timestamp())
+                          for page in pages for item in page.get("Contents", []))
+
+    def abort_incomplete_uploads(self, started_before: float) -> int:
+        """Multipart uploads under the prefix initiated before `started_before`: their parts are stored (and billed)
+        until aborted, and an API or worker killed mid-upload never aborts them."""
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        aborted = 0
+        with self._errors("list uploads under", self.prefix or "/"):
+            stale = [(upload["Key"], upload["UploadId"]) for page in pages for upload in page.get("Uploads", [])
+                     if upload["Initiated"].timestamp() < started_before]
+        for key, upload_id in stale:
+            with self._errors("abort the upload of", key):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            aborted += 1
+        return aborted
+
     def delete_prefix(self, prefix: str) -> int:
         keys = self._list_full_keys(prefix)
         for first in range(0, len(keys), DELETE_BATCH):
