@@ -218,3 +218,37 @@ def make_collator(packing: bool, tokenizer):
         # as long as the model runs with use_cache=False (load_base_model sets it).
         return DataCollatorWithFlattening(return_tensors="pt")
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+class LabelledLogitsOnly:
+    """A training collator's batches, plus what makes the model project only the positions whose next token is trained.
+
+    The vocabulary projection and the cross-entropy are a fifth or more of a small model's compute and its largest
+    activation (tokens × vocabulary floats), and most tokens of instruction data are prompt: their logits feed no
+    loss. transformers' `logits_to_keep` mask keeps the hidden states of the labelled positions only (flattened, as
+    packing needs) and `shift_labels` are their targets, so the loss is the same average over the same tokens.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        import torch
+
+        batch = self.collator(features)
+        labels = batch["labels"]
+        targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position i predicts i + 1
+        keep = targets != IGNORE_INDEX
+        batch["logits_to_keep"] = keep
+        batch["shift_labels"] = targets[keep]
+        return batch
+
+
+def training_collator(collator, model):
+    """The collator the Trainer trains with: `LabelledLogitsOnly` where the model's forward takes `logits_to_keep`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
+        return LabelledLogitsOnly(collator)
+    return collator

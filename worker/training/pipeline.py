@@ -21,7 +21,14 @@ from worker.training.artifacts import (
     write_training_log,
 )
 from worker.training.best import report_selection
-from worker.training.data import TokenizedData, make_collator, read_examples, split_validation, tokenize_all
+from worker.training.data import (
+    TokenizedData,
+    make_collator,
+    read_examples,
+    split_validation,
+    tokenize_all,
+    training_collator,
+)
 from worker.training.evaluate import evaluate_model
 from worker.training.hooks import TrainingHooks
 from worker.training.model import (
@@ -243,8 +250,8 @@ def train(
         hooks.on_parameters(dict(parameters))
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds)
-    trainer = build_trainer(spec, hp, model, tokenizer, train_data, collator, out_dir / "checkpoints", device, callback,
-                            valid_rows=valid_data.rows)
+    trainer = build_trainer(spec, hp, model, tokenizer, train_data, training_collator(collator, model),
+                            out_dir / "checkpoints", device, callback, valid_rows=valid_data.rows)
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute_description(spec, device)}.")
