@@ -1,7 +1,9 @@
-"""The model catalogue: Hugging Face model folders under `models_dir`, keyed by their relative path.
+"""The model catalogue's local half: Hugging Face model folders under `models_dir`, keyed by their relative path.
 
 `models_dir/HuggingFaceTB/SmolLM2-135M-Instruct/config.json` is the model
-`HuggingFaceTB/SmolLM2-135M-Instruct`. Torch-free: the API lists and checks models with it.
+`HuggingFaceTB/SmolLM2-135M-Instruct`. Torch-free: the API lists and checks models with it. The deployment's
+catalogue (db/catalogue.py) keeps models in the database and object storage instead, and workers download them
+into their `models_dir` (worker/catalogue.py); both describe a model as a CatalogueModel.
 """
 
 import json
@@ -20,10 +22,11 @@ MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-
 @dataclass(frozen=True)
 class CatalogueModel:
     id: str
-    path: Path
+    path: Path | None  # None for a model of the deployment's catalogue: its files are in object storage
     architecture: str | None
     created: int
     provenance: str | None = None
+    config: dict | None = None  # config.json as stored in the deployment's catalogue
 
 
 def _read_json(path: Path) -> dict:
@@ -43,6 +46,8 @@ def _describe(model_id: str, folder: Path) -> CatalogueModel:
 
 def model_config(model: CatalogueModel) -> dict:
     """The model's `config.json` as a dict (read, nothing loaded); empty when unreadable."""
+    if model.config is not None:
+        return model.config
     return _read_json(model.path / "config.json")
 
 
@@ -53,7 +58,8 @@ def list_models(models_dir: Path) -> list[CatalogueModel]:
     found = []
     for config in sorted(list(models_dir.glob("*/config.json")) + list(models_dir.glob("*/*/config.json"))):
         model_id = config.parent.relative_to(models_dir).as_posix()
-        found.append(_describe(model_id, config.parent))
+        if not model_id.startswith("."):  # `.staging/…`: a download or conversion not finished yet
+            found.append(_describe(model_id, config.parent))
     return found
 
 
@@ -65,12 +71,17 @@ def resolve_model(models_dir: Path, model_id: str, *, param: str = "model") -> C
     raise ModelNotFound(f"The model '{model_id}' is not in the catalogue (available: {known}).", param=param)
 
 
-def add_model(models_dir: Path, model_id: str, source: Path, *, link: bool = False) -> CatalogueModel:
-    """Register a local Hugging Face model folder under `model_id` (copied, or symlinked with `link`)."""
+def check_model_folder(model_id: str, source: Path) -> None:
+    """Refuse an id that is not ORG/NAME or NAME, and a folder that is not a Hugging Face model folder."""
     if not MODEL_ID_RE.match(model_id):
         raise InvalidRequest(f"'{model_id}' is not a valid model id (ORG/NAME or NAME).", param="model")
     if not (source / "config.json").is_file():
         raise InvalidRequest(f"{source} is not a Hugging Face model folder (no config.json).", param="path")
+
+
+def add_model(models_dir: Path, model_id: str, source: Path, *, link: bool = False) -> CatalogueModel:
+    """Register a local Hugging Face model folder under `model_id` (copied, or symlinked with `link`)."""
+    check_model_folder(model_id, source)
     target = models_dir / model_id
     if target.exists() or target.is_symlink():
         raise InvalidRequest(f"The model '{model_id}' is already in the catalogue.", param="model")

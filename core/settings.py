@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     )
     s3_region: str = Field("us-east-1", description="S3 region name.")
     models_dir: Path = Field(Path("./var/models"), description="Model catalogue: Hugging Face model folders keyed by id.")
+    model_cache_gib: float = Field(
+        100.0, gt=0, description="Disk a worker lets models downloaded from the deployment's catalogue take in "
+        "`models_dir`; past it the least recently used are deleted (local folders never are)."
+    )
     bootstrap_api_key: str | None = Field(
         None, description="When set, start-up ensures a project named `default` with exactly this API key."
     )

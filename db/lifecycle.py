@@ -3,14 +3,16 @@
 import time
 
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from core import queue, routing
-from core.errors import InvalidRequest
+from core.catalogue import model_config
+from core.errors import InvalidRequest, ModelNotFound
 from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec, resolve_auto
 from core.storage import Storage
+from db import catalogue
 from db.clock import db_now
 from db.models import File, Job, JobEvent
 from db.repositories import files as files_repo
@@ -74,7 +76,11 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
 def plan_and_place(settings: Settings, job: Job, training_file: File) -> None:
     """Store the job's plan and the class it trains on; raises DoesNotFit when it fits no configured class."""
     spec = JobSpec.model_validate(job.spec)
-    made = plan(settings, spec, training_file, separate_validation=bool(job.validation_file_id))
+    try:  # the database's catalogue or a local folder (db/catalogue.py)
+        config = model_config(catalogue.resolve(object_session(job), settings.models_dir, spec.model))
+    except ModelNotFound as exc:
+        raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
+    made = plan(settings, spec, training_file, separate_validation=bool(job.validation_file_id), config=config)
     job.plan = made.model_dump(mode="json")
     job.placement = routing.place(settings, spec, made)
 

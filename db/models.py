@@ -174,3 +174,20 @@ class Worker(Base):
     started_at: Mapped[float] = mapped_column(Double)
     # By the database's clock (db/clock.py), so hosts whose clocks disagree agree on who is live.
     last_seen_at: Mapped[float] = mapped_column(Double, index=True)
+
+
+class CatalogueEntry(Base):
+    """A base model of the deployment's catalogue: its config for the API, its files in object storage (db/catalogue.py)."""
+
+    __tablename__ = "catalogue_models"
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(255), unique=True)  # ORG/NAME, as jobs name it
+    architecture: Mapped[str | None] = mapped_column(String(255))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # config.json: the API plans from it, no file needed
+    provenance: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(512))  # `upload`, or `hub:ORG/NAME@revision`
+    # [{"path", "sha256", "bytes"}]: each file is the object `catalogue/blobs/<sha256>`.
+    files: Mapped[list[Any]] = mapped_column(JSON)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Double)

@@ -1,13 +1,16 @@
-"""Base models for training: catalogue folders, the bundled SmolLM2, and hub ids where a deployment has internet."""
+"""Base models for training: catalogue folders, the deployment catalogue's models downloaded into them and kept
+within a disk bound, the bundled SmolLM2, and models pulled from a hub where a deployment has internet."""
 
 import importlib.util
 import json
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 from core.catalogue import PROVENANCE_FILE, resolve_model
-from core.errors import ModelNotFound
+from core.errors import ModelNotFound, StorageError
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,3 +74,133 @@ def model_source(models_dir: Path, model_id: str) -> str:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("", "0", "false"):
             return model_id
         raise
+
+
+CACHE_MARKER = ".lorajobs-cache.json"  # in a downloaded model's folder: {"files": [...], "used_at": ...}
+RECENTLY_USED_SECONDS = 600  # a model used this recently may still be loading in another process: never evicted
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        return json.loads((folder / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_marker(folder: Path, files: list[dict]) -> None:
+    (folder / CACHE_MARKER).write_text(json.dumps({"files": files, "used_at": time.time()}))
+
+
+def _matches(folder: Path, files: list[dict]) -> bool:
+    """Whether a folder holds exactly these files, each verified by its sha256."""
+    from core.archives import sha256_file
+
+    return all((folder / f["path"]).is_file() and sha256_file(folder / f["path"]) == f["sha256"] for f in files)
+
+
+def ensure_model(settings, storage, model_id: str) -> str | None:
+    """Make a model of the deployment's catalogue a local folder under `models_dir`, once: each file downloaded and
+    checked against its sha256. Returns what it did, for the job's events, or None when there was nothing to do (a
+    cached copy, a local folder, or a hub id)."""
+    from core.archives import sha256_file
+    from db import catalogue
+    from db.session import transaction
+
+    with transaction(settings.database_url) as session:
+        entry = catalogue.get(session, model_id)
+        files = sorted(entry.files, key=lambda f: f["path"]) if entry is not None else None
+    if files is None:
+        return None
+    target = settings.models_dir / model_id
+    if target.is_dir():
+        marker = _read_marker(target)
+        if marker.get("files") == files:
+            _write_marker(target, files)  # used now: the last to be evicted
+            return None
+        if not marker and _matches(target, files):  # a folder placed by hand that is the catalogue's model
+            _write_marker(target, files)
+            return f"Using the local folder of {model_id}: its files match the catalogue's sha256s"
+        if not marker:
+            raise StorageError(f"{target} is a local folder that is not the catalogue's {model_id} (its files differ); "
+                               "move it away so the worker can download the catalogue's.")
+    started = time.monotonic()
+    staging = settings.models_dir / ".staging" / uuid.uuid4().hex
+    try:
+        for entry in files:
+            path = staging / entry["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            storage.download_to(catalogue.blob_key(entry["sha256"]), path)
+            if sha256_file(path) != entry["sha256"]:
+                raise StorageError(f"{model_id}/{entry['path']} downloaded from object storage does not match its "
+                                   f"sha256 {entry['sha256'][:12]}…: the stored object is damaged; add the model again.")
+        _write_marker(staging, files)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # an older copy (the model was added again) or another process's download
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process on this host finished the same download first
+            if _read_marker(target).get("files") != files:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    evicted = evict_models(settings.models_dir, int(settings.model_cache_gib * 1024**3), keep=model_id)
+    size = sum(f["bytes"] for f in files)
+    said = (f"Downloaded {model_id} from the catalogue: {len(files)} files, {size / 1024**2:.1f} MiB, every sha256 "
+            f"verified, in {time.monotonic() - started:.1f} s")
+    return said + (f"; evicted {', '.join(evicted)} to stay within LORAJOBS_MODEL_CACHE_GIB" if evicted else "")
+
+
+def evict_models(models_dir: Path, limit_bytes: int, *, keep: str) -> list[str]:
+    """Delete downloaded models (never local folders), least recently used first, until they fit `limit_bytes`;
+    `keep` and models used in the last RECENTLY_USED_SECONDS stay."""
+    cached = []
+    for marker in list(models_dir.glob(f"*/{CACHE_MARKER}")) + list(models_dir.glob(f"*/*/{CACHE_MARKER}")):
+        folder = marker.parent
+        model_id = folder.relative_to(models_dir).as_posix()
+        if model_id.startswith("."):
+            continue
+        info = _read_marker(folder)
+        cached.append((info.get("used_at", 0.0), model_id, sum(f["bytes"] for f in info.get("files", []))))
+    total = sum(size for _, _, size in cached)
+    evicted = []
+    for used_at, model_id, size in sorted(cached):
+        if total <= limit_bytes:
+            break
+        if model_id == keep or time.time() - used_at < RECENTLY_USED_SECONDS:
+            continue
+        shutil.rmtree(models_dir / model_id, ignore_errors=True)
+        total -= size
+        evicted.append(model_id)
+    return evicted
+
+
+def pull_from_hub(hub_id: str, revision: str | None, dest: Path) -> str:
+    """Download a model from the Hugging Face hub into `dest`; returns the commit it resolved to.
+
+    Asking the hub is what this is for, so HF_HUB_OFFLINE is lifted for it; where the hub cannot be reached the
+    error says so and what to do instead."""
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from core.errors import InvalidRequest, ServiceUnavailable
+
+    try:
+        commit = HfApi().model_info(hub_id, revision=revision).sha
+        snapshot_download(hub_id, revision=commit, local_dir=dest)
+    except GatedRepoError:
+        raise InvalidRequest(f"{hub_id} is gated on the hub: accept its terms there and set HF_TOKEN.",
+                             param="model", code="model_gated") from None
+    except RevisionNotFoundError:
+        raise ModelNotFound(f"The hub has no revision '{revision}' of {hub_id}.", param="revision") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"The hub has no model {hub_id} (a private one needs HF_TOKEN).", param="model") from None
+    except Exception as exc:  # unreachable: no route, DNS, proxy, TLS, a timeout
+        from huggingface_hub import constants
+
+        raise ServiceUnavailable(
+            f"Could not reach the model hub at {constants.ENDPOINT} ({type(exc).__name__}: {str(exc)[:200]}). On a "
+            "machine without internet, download the model where there is, copy the folder here and run "
+            "`lorajobs models add ID PATH`.") from None
+    return commit

@@ -33,6 +33,7 @@ from db.repositories import files as files_repo
 from db.repositories import jobs as repo
 from db.repositories import projects as projects_repo
 from db.session import after_commit, transaction
+from worker.catalogue import ensure_model
 from worker.resilience import (SHUTDOWN, STORAGE_ERRORS, Fenced, GracefulSigterm, InfrastructureFailure, check_free_space, disk_full,
                                retry_db, retry_storage, transient_db_error)
 
@@ -436,6 +437,9 @@ def _train(settings: Settings, storage: Storage, job: ClaimedJob, run: JobRun, w
         except ObjectNotFound:
             run.on_event("warn", f"Checkpoint step {job.checkpoint_step} is missing from object storage; training "
                          "restarts from the start")
+    fetched = ensure_model(settings, storage, job.spec.model)  # the catalogue's model, downloaded once per host
+    if fetched:
+        run.on_event("info", fetched)
     hooks = TrainingHooks(on_progress=run.on_progress, on_metrics=run.on_metrics, on_checkpoint=run.on_checkpoint,
                           on_event=run.on_event, should_stop=run.should_stop, on_parameters=run.on_parameters)
     _reset_peak_memory()

@@ -11,6 +11,7 @@ from core.spec import JobSpec
 from core.storage import get_storage
 from db.repositories import jobs as repo
 from db.session import transaction
+from worker.catalogue import ensure_model
 from worker.jobs import job_prefix
 
 log = logging.getLogger("lorajobs.worker.merge")
@@ -33,7 +34,7 @@ def merge_job(job_id: str) -> None:
         merged = (job.artifacts or {}).get("merged", {}) if job else {}
         if job is None or merged.get("status") != "pending":
             return
-        adapter_key, project_id = job.artifacts["tar.gz"]["key"], job.project_id
+        adapter_key, project_id, base_model = job.artifacts["tar.gz"]["key"], job.project_id, job.model
         # QLoRA: the merge that scored better on held-out data when the job finished (worker/training/pipeline.py).
         served = (job.result or {}).get("served_eval") or {}
         dequantized = JobSpec.model_validate(job.spec) if served.get("merge_base") == "dequantized_4bit" else None
@@ -42,6 +43,7 @@ def merge_job(job_id: str) -> None:
             work = Path(tmp)
             storage.download_to(adapter_key, work / "adapter.tar.gz")
             adapter = unpack_archive(work / "adapter.tar.gz", work / "adapter")
+            ensure_model(settings, storage, base_model)  # the catalogue's base, downloaded once per host
             merge_adapter(adapter, work / "merged", settings.models_dir, dequantized=dequantized)
             archive = make_archive(work / "merged", work / f"merged.{MERGED_FORMAT}", MERGED_FORMAT)
             stored = storage.put_file(f"{job_prefix(project_id, job_id)}/merged.{MERGED_FORMAT}", archive)

@@ -24,7 +24,7 @@ from api.schemas_jobs import (
 )
 from core import routing
 from core.architectures import check_quantization, resolve_targets
-from core.catalogue import CatalogueModel, model_config, resolve_model
+from core.catalogue import CatalogueModel, model_config
 from core.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from core.ids import new_id
 from core.planning import Plan
@@ -32,7 +32,7 @@ from core.settings import Settings
 from core.spec import JobSpec
 from core.templates import has_chat_template
 from db.models import Checkpoint, File, Job, JobEvent, Project
-from db import lifecycle
+from db import catalogue, lifecycle
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
 from db.repositories import workers as workers_repo
@@ -124,7 +124,7 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
             return existing
     spec = build_spec(body)
     try:
-        model = resolve_model(settings.models_dir, spec.model)
+        model = catalogue.resolve(session, settings.models_dir, spec.model)
     except ModelNotFound as exc:
         raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
     config = check_model_fit(spec, model)

@@ -3,9 +3,9 @@
 from sqlalchemy.orm import Session
 
 from api.schemas import ModelObject
-from core.catalogue import list_models
 from core.errors import NotFound
 from core.settings import Settings
+from db import catalogue
 from db.models import Project
 from db.repositories import jobs as jobs_repo
 
@@ -13,7 +13,7 @@ CATALOGUE_OWNER = "lorajobs"
 
 
 def list_all(session: Session, settings: Settings, project: Project) -> list[ModelObject]:
-    base = [ModelObject(id=m.id, created=m.created, owned_by=CATALOGUE_OWNER, provenance=m.provenance) for m in list_models(settings.models_dir)]
+    base = [ModelObject(id=m.id, created=m.created, owned_by=CATALOGUE_OWNER, provenance=m.provenance) for m in catalogue.list_all(session, settings.models_dir)]
     tuned = [
         ModelObject(id=job.fine_tuned_model, created=int(job.finished_at or job.created_at), owned_by=project.name,
                     root=job.model, parent=job.model)

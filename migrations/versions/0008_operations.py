@@ -1,4 +1,5 @@
-"""worker heartbeats: which queues each live worker consumes, from which host
+"""worker heartbeats (which queues each live worker consumes, from which host); the model catalogue in the
+database, its files in object storage
 
 Revision ID: 0008
 Revises: 0007
@@ -27,8 +28,21 @@ def upgrade() -> None:
         sa.Column("last_seen_at", sa.Double(), nullable=False),
     )
     op.create_index("ix_workers_last_seen_at", "workers", ["last_seen_at"])
+    op.create_table(
+        "catalogue_models",
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("id", sa.String(255), nullable=False, unique=True),
+        sa.Column("architecture", sa.String(255), nullable=True),
+        sa.Column("config", sa.JSON(), nullable=False),
+        sa.Column("provenance", sa.Text(), nullable=True),
+        sa.Column("source", sa.String(512), nullable=False),
+        sa.Column("files", sa.JSON(), nullable=False),
+        sa.Column("bytes", sa.BigInteger(), nullable=False),
+        sa.Column("created_at", sa.Double(), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("catalogue_models")
     op.drop_index("ix_workers_last_seen_at", table_name="workers")
     op.drop_table("workers")

@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, inspect, text
 from db.migrate import downgrade, upgrade
 from db.models import Base
 
-TABLES = {"projects", "api_keys", "dashboard_sessions", "files", "fine_tuning_jobs", "job_events", "checkpoints", "workers"}
+TABLES = {"projects", "api_keys", "dashboard_sessions", "files", "fine_tuning_jobs", "job_events", "checkpoints", "workers", "catalogue_models"}
 
 
 def _tables(url: str) -> set[str]:
