@@ -6,7 +6,9 @@ import sqlalchemy.exc
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import DatabaseBusy, LorajobsError
@@ -58,10 +60,12 @@ async def _lorajobs_error(_request: Request, exc: LorajobsError) -> JSONResponse
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A malformed request is a 400 `invalid_request_error` naming the parameter, as OpenAI answers (not 422):
+    clients that catch the SDK's `BadRequestError` see it."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     message = "; ".join(_validation_message(e) for e in errors[:5]) or "Invalid request."
-    return envelope(422, message, type_="invalid_request_error", param=_param_of(tuple(first.get("loc", ()))),
+    return envelope(400, message, type_="invalid_request_error", param=_param_of(tuple(first.get("loc", ()))),
                     code="invalid_request")
 
 
@@ -93,7 +97,52 @@ async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
     return envelope(500, SERVER_ERROR_MESSAGE, type_="server_error", code="internal_error")
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. `plan` on a job that fits no GPU class
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope."""
+
+    error: ErrorDetail
+
+
+ERROR_STATUSES = {400: "Malformed or invalid request", 401: "No valid API key", 403: "Not allowed",
+                  404: "No such object in this project", 409: "Conflicts with the object's state",
+                  413: "Body over its limit", 429: "Rate limit or project quota reached (see Retry-After)",
+                  503: "Briefly unavailable (see Retry-After)"}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The schema as the API answers: every `/v1` operation may answer the error envelope, and none answers 422."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components["ErrorDetail"] = ErrorDetail.model_json_schema()
+        components["ErrorResponse"] = {**ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}"),
+                                       "$defs": None}
+        del components["ErrorResponse"]["$defs"]
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if path.startswith("/v1/"):
+                    for status, description in ERROR_STATUSES.items():
+                        responses.setdefault(str(status), {"description": description, "content": content})
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.openapi = lambda: _openapi(app)
     app.add_exception_handler(LorajobsError, _lorajobs_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -49,6 +49,12 @@ class ModelObject(BaseModel):
     provenance: str | None = None  # ours: where a catalogue model's weights came from, when not the hub's checkpoint
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 class ValidationReportResponse(BaseModel):
     """Our extension: the dataset's validation report (see docs/datasets.md)."""
 

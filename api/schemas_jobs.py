@@ -1,11 +1,17 @@
 """Request and response shapes of the fine-tuning jobs API (OpenAI's, plus our extensions)."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 AutoInt = int | Literal["auto"]
 AutoFloat = float | Literal["auto"]
+# OpenAI's metadata limits: 16 pairs, keys up to 64 characters, values up to 512.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+# `"` and `\` cannot be keys: a JSON path in SQLite's filter cannot name them (a `metadata[k]` filter uses one).
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_CHARS, pattern=r'^[^"\\]+$')]
+MetadataValue = Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=METADATA_PAIRS)]
 
 
 class Hyperparameters(BaseModel):
@@ -39,7 +45,7 @@ class JobCreate(BaseModel):
     method: Method | None = None
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Metadata | None = Field(None, description="Up to 16 pairs; keys up to 64 characters, values 512.")
     integrations: list[dict[str, Any]] | None = None
 
 

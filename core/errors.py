@@ -78,3 +78,22 @@ class ObjectNotFound(StorageError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class RateLimited(LorajobsError):
+    """A per-key request rate over its window: retry after `Retry-After` seconds (the `openai` SDK does)."""
+
+    status_code = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = max(1, retry_after)
+
+
+class QuotaExceeded(RateLimited):
+    """A project quota: waiting alone rarely frees it (jobs must finish, files be deleted), so no automatic retry."""
+
+    error_type = "quota"
+    retryable = False

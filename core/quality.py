@@ -91,3 +91,19 @@ def summarize(scores: list[dict]) -> dict:
         "key_facts": sum(s["all_facts"] for s in with_facts) / len(with_facts) if with_facts else None,
         "fact_recall": sum(s["facts_stated"] for s in scores) / total_facts if total_facts else None,
     }
+
+
+HIGHER_IS_BETTER = {"valid_loss": False, "valid_mean_token_accuracy": True}
+
+
+def best_checkpoint_index(metrics: list[dict], metric: str) -> int | None:
+    """Which of the checkpoints' metrics is best by `metric` (the earliest on a tie); None when none has it.
+
+    Checkpoints saved without an evaluation (a cancel, a time-based save) are never chosen.
+    """
+    scored = [(value, i) for i, m in enumerate(metrics) if (value := m.get(metric)) is not None]
+    if not scored:
+        return None
+    if HIGHER_IS_BETTER[metric]:
+        return max(scored, key=lambda pair: (pair[0], -pair[1]))[1]
+    return min(scored)[1]

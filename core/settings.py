@@ -104,6 +104,27 @@ class Settings(BaseSettings):
     max_infra_retries: int = Field(
         5, ge=0, description="Times a job is requeued for an infrastructure failure (storage unavailable, a full "
         "disk) before it fails with that code; these retries spend no attempt.")
+    rate_limit_requests: int = Field(
+        1200, ge=0, description="`/v1` requests one API key may make per rate-limit window (0: no limit); over it: 429."
+    )
+    rate_limit_uploads: int = Field(
+        120, ge=0, description="`POST /v1/files` uploads one API key may make per rate-limit window (0: no limit)."
+    )
+    rate_limit_window_seconds: int = Field(60, ge=1, description="The rate-limit window (seconds).")
+    max_active_jobs_per_project: int = Field(
+        20, ge=0, description="Jobs a project may have validating, queued or running at once (0: no limit)."
+    )
+    max_queued_gpu_hours_per_project: float = Field(
+        168.0, ge=0, description="Planned training hours a project may have queued or running at once, from each "
+        "job's plan where it has one (0: no limit)."
+    )
+    max_files_per_project: int = Field(1000, ge=0, description="Files a project may hold (0: no limit).")
+    max_file_bytes_per_project: int = Field(
+        100 << 30, ge=0, description="Bytes of files a project may hold (0: no limit)."
+    )
+    max_merged_models_per_project: int = Field(
+        10, ge=0, description="Merged full-precision models a project may have stored or being made (0: no limit)."
+    )
     lease_seconds: int = Field(120, description="A running job's lease; a worker renews it while training.")
     sweep_interval_seconds: float = Field(15.0, description="How often the sweep looks for expired leases.")
     max_attempts: int = Field(3, description="A job whose worker was lost this many times fails.")

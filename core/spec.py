@@ -20,6 +20,12 @@ MAX_TRAINED_EXAMPLES = 25_000
 DEFAULT_EPOCHS = 3
 MAX_AUTO_EPOCHS = 25
 MAX_AUTO_BATCH_SIZE = 64
+# Caps (docs/job-spec.md "Caps"): OpenAI's limits on epochs and batch size; checkpoints kept and sequence length
+# bound what one job may store and ask of a GPU.
+MAX_EPOCHS = 50
+MAX_BATCH_SIZE = 256
+MAX_CHECKPOINTS_KEPT = 20
+MAX_SEQ_LENGTH = 32_768
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -82,7 +88,7 @@ class DataSection(BaseModel):
 
     model_config = _STRICT
 
-    max_seq_length: int = Field(1024, ge=16, le=131_072, description="Examples are truncated to this many tokens.")
+    max_seq_length: int = Field(1024, ge=16, le=MAX_SEQ_LENGTH, description="Examples are truncated to this many tokens.")
     packing: bool = Field(
         True, description="Padding-free packing: a micro batch is one row with per-example positions (no cross-attention)."
     )
@@ -139,7 +145,7 @@ class CheckpointSection(BaseModel):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: at the end only.")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; null: at each epoch end.")
     save_total_limit: int | None = Field(
-        3, ge=1, description="Keep only the newest N checkpoints, and always the best one; null keeps all."
+        3, ge=1, description="Keep only the newest N checkpoints, and always the best one; at most 20 (null: 20)."
     )
     best_checkpoint_metric: Literal["valid_loss", "valid_mean_token_accuracy"] = Field(
         "valid_loss",
@@ -168,10 +174,15 @@ class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        for name in ("n_epochs", "batch_size"):
+        for name, cap in (("n_epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
             value = getattr(self, name)
-            if value != "auto" and value < 1:
-                raise _refuse("JobSpec", name, value, "must be a positive integer or 'auto'")
+            if value != "auto" and not 1 <= value <= cap:
+                raise _refuse("JobSpec", name, value, f"must be an integer from 1 to {cap}, or 'auto'")
+        if self.save_total_limit is None:
+            self.save_total_limit = MAX_CHECKPOINTS_KEPT  # "keep all" keeps the cap: what a job stores is bounded
+        elif self.save_total_limit > MAX_CHECKPOINTS_KEPT:
+            raise _refuse("JobSpec", "save_total_limit", self.save_total_limit,
+                          f"at most {MAX_CHECKPOINTS_KEPT} checkpoints are kept")
         if self.learning_rate_multiplier != "auto" and self.learning_rate_multiplier <= 0:
             raise _refuse("JobSpec", "learning_rate_multiplier", self.learning_rate_multiplier, "must be positive or 'auto'")
         if self.learning_rate is not None and self.learning_rate_multiplier != "auto":

@@ -69,6 +69,10 @@ class File(Base):
     status_details: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Double)
+    # `expires_after` at upload (OpenAI): past it the file reads as deleted and is purged.
+    expires_at: Mapped[float | None] = mapped_column(Double)
+    # Deleted while a job's history names it: the bytes are gone, the row keeps the id the job rows point to.
+    deleted_at: Mapped[float | None] = mapped_column(Double)
     # Validation messages the sweep sent again (lost by the broker), and when it sends the next one if still uploaded.
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     resend_at: Mapped[float | None] = mapped_column(Double)
@@ -95,7 +99,11 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # sha256 of the create body the key was first used with: the same key with another body is a 409.
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512))
+    # `DELETE /v1/models/{id}`: adapter, merged model and checkpoints removed; the job's history stays.
+    model_deleted_at: Mapped[float | None] = mapped_column(Double)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)

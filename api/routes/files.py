@@ -15,16 +15,22 @@ router = APIRouter(prefix="/files", tags=["files"])
 
 @router.post("", response_model=FileObject)
 def upload_file(request: Request, file: UploadFile, purpose: Annotated[str, Form()], session: SessionDep,
-                settings: SettingsDep, storage: StorageDep, project: CurrentProject) -> FileObject:
+                settings: SettingsDep, storage: StorageDep, project: CurrentProject,
+                expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+                expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
+                ) -> FileObject:
+    """OpenAI's upload; `expires_after[anchor]=created_at` with `expires_after[seconds]` deletes the file then."""
     row = service.upload(session, settings, storage, project, stream=file.file, filename=file.filename,
-                         purpose=purpose, declared_size=file.size)
+                         purpose=purpose, declared_size=file.size,
+                         expires_after=(expires_after_anchor, expires_after_seconds))
     return service.to_object(row)
 
 
 @router.get("", response_model=ListResponse[FileObject])
-def list_files(session: SessionDep, project: CurrentProject, purpose: str | None = None,
+def list_files(session: SessionDep, storage: StorageDep, project: CurrentProject, purpose: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: str | None = None,
                order: Literal["asc", "desc"] = "desc") -> ListResponse[FileObject]:
+    service.purge_expired(session, storage, project)
     page = service.page(session, project, purpose=purpose, after=after, limit=limit, order=order)
     return ListResponse.of([service.to_object(row) for row in page.items], page.has_more)
 

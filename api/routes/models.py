@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from api.deps import CurrentProject, SessionDep, SettingsDep
-from api.schemas import ListResponse, ModelObject
+from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
+from api.schemas import ListResponse, ModelDeleted, ModelObject
 from api.services import models as service
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -17,3 +17,11 @@ def list_models(session: SessionDep, settings: SettingsDep, project: CurrentProj
 @router.get("/{model_id:path}", response_model=ModelObject)
 def retrieve_model(model_id: str, session: SessionDep, settings: SettingsDep, project: CurrentProject) -> ModelObject:
     return service.get(session, settings, project, model_id)
+
+
+@router.delete("/{model_id:path}", response_model=ModelDeleted)
+def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+                 project: CurrentProject) -> ModelDeleted:
+    """Delete a fine-tuned model (`ft:…`): its adapter, merged model and checkpoints; the job's history stays."""
+    service.delete(session, settings, storage, project, model_id)
+    return ModelDeleted(id=model_id)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from api import limits
 from api.services import jobs
 from core import queue
 from core.archives import MERGED_FORMAT
@@ -33,7 +34,7 @@ class Archive:
 def adapter_archive(session: Session, storage: Storage, project: Project, job_id: str, *, fmt: str,
                     checkpoint_id: str | None) -> Archive:
     """The stored archive of a job's final adapter, or of one of its checkpoints."""
-    job = jobs.get(session, project, job_id)
+    job = _with_model(session, project, job_id)
     if checkpoint_id:
         checkpoint = repo.get_checkpoint(session, job.id, checkpoint_id)
         if checkpoint is None:
@@ -51,6 +52,15 @@ def adapter_archive(session: Session, storage: Storage, project: Project, job_id
     return Archive(entry["key"], f"{name}.{fmt}", entry["sha256"], entry["bytes"], fmt)
 
 
+def _with_model(session: Session, project: Project, job_id: str):
+    """The job, unless its fine-tuned model was deleted (`DELETE /v1/models/{model}`): then nothing is left."""
+    job = jobs.get(session, project, job_id)
+    if job.model_deleted_at is not None:
+        raise NotFound(f"The fine-tuned model of job {job_id} was deleted, with its adapter, merged model and "
+                       "checkpoints.", param="fine_tuning_job_id", code="model_deleted")
+    return job
+
+
 def respond(storage: Storage, archive: Archive, *, redirect: bool) -> StreamingResponse | RedirectResponse:
     headers = {"x-content-sha256": archive.sha256,
                "content-disposition": attachment(archive.filename)}
@@ -63,7 +73,7 @@ def respond(storage: Storage, archive: Archive, *, redirect: bool) -> StreamingR
 
 def merged_model(session: Session, settings: Settings, project: Project, job_id: str) -> Archive | dict:
     """The stored merged model, or its pending state (a merge is queued on the first request)."""
-    job = jobs.get(session, project, job_id)
+    job = _with_model(session, project, job_id)
     if job.status != "succeeded":
         raise Conflict(f"Job {job_id} is {job.status}; a merged model exists once it has succeeded.",
                        param="fine_tuning_job_id", code="adapter_not_ready")
@@ -75,6 +85,7 @@ def merged_model(session: Session, settings: Settings, project: Project, job_id:
     if merged.get("status") == "failed":
         message = f"The last merge failed ({merged.get('message')}); it is being retried."
     if merged.get("status") != "pending":
+        limits.check_merge_quota(session, settings, project)
         job.artifacts = {**job.artifacts, "merged": {"status": "pending", "requested_at": time.time()}}
         after_commit(session, lambda: queue.send(settings, queue.MERGE_JOB, job_id))
     return {"object": "fine_tuning.job.merged_model", "fine_tuning_job_id": job.id, "status": "pending",

@@ -5,6 +5,7 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from api import limits
 from api.schemas import FileObject
 from core import queue
 from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
@@ -18,11 +19,28 @@ from db.repositories.pagination import Page
 from db.session import after_commit
 
 UPLOAD_PURPOSES = ("fine-tune",)
+# OpenAI's bounds on `expires_after[seconds]`: an hour to thirty days after `created_at`.
+EXPIRES_AFTER_SECONDS = (3600, 2_592_000)
+PURGE_BATCH = 100
 
 
 def to_object(row: File) -> FileObject:
     return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at), filename=row.filename,
-                      purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256)
+                      purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256,
+                      expires_at=int(row.expires_at) if row.expires_at else None)
+
+
+def expiry(anchor: str | None, seconds: int | None, created_at: float) -> float | None:
+    """When a file expires from OpenAI's `expires_after` (`anchor` `created_at`, `seconds` in its bounds)."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor")
+    low, high = EXPIRES_AFTER_SECONDS
+    if seconds is None or not low <= seconds <= high:
+        raise InvalidRequest(f"expires_after[seconds] must be between {low} and {high}.",
+                             param="expires_after.seconds")
+    return created_at + seconds
 
 
 def clean_filename(filename: str | None) -> str:
@@ -32,15 +50,20 @@ def clean_filename(filename: str | None) -> str:
 
 
 def upload(session: Session, settings: Settings, storage: Storage, project: Project, *, stream: BinaryIO,
-           filename: str | None, purpose: str, declared_size: int | None = None) -> File:
+           filename: str | None, purpose: str, declared_size: int | None = None,
+           expires_after: tuple[str | None, int | None] = (None, None)) -> File:
     """Stream an upload into storage, record it as `uploaded`, and queue its validation after commit."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(f"'{purpose}' is not a supported purpose; use one of: {', '.join(UPLOAD_PURPOSES)}.",
                              param="purpose")
+    created_at = time.time()
+    expires_at = expiry(*expires_after, created_at)
     limit = settings.max_upload_bytes
     if declared_size is not None and declared_size > limit:
         raise PayloadTooLarge(f"The file is larger than the {limit:,}-byte limit (LORAJOBS_MAX_UPLOAD_BYTES).",
                               param="file")
+    purge_expired(session, storage, project)
+    limits.check_file_quota(session, settings, project, declared_size or 0)
     file_id = new_id("file")
     key = lifecycle.file_key(project.id, file_id)
     stored = storage.put_stream(key, stream, max_bytes=limit, content_type="application/jsonl")
@@ -48,8 +71,10 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
         storage.delete(key)
         raise InvalidRequest("The file is empty.", param="file", code="empty_file")
     row = File(id=file_id, project_id=project.id, filename=clean_filename(filename), purpose=purpose,
-               bytes=stored.size, sha256=stored.sha256, storage_key=key, status="uploaded", created_at=time.time())
+               bytes=stored.size, sha256=stored.sha256, storage_key=key, status="uploaded", created_at=created_at,
+               expires_at=expires_at)
     try:
+        limits.check_file_quota(session, settings, project, stored.size)  # the bytes received, chunked included
         repo.add(session, row)
     except Exception:
         storage.delete(key)
@@ -73,8 +98,29 @@ def page(session: Session, project: Project, *, purpose: str | None, after: str 
 def delete(session: Session, storage: Storage, project: Project, file_id: str) -> None:
     row = get(session, project, file_id)
     if repo.count_active_jobs_using(session, row.id):
-        raise Conflict(f"File {file_id} is used by a queued or running fine-tuning job; cancel the job first.",
-                       param="file_id", code="file_in_use")
+        raise Conflict(f"File {file_id} is used by a fine-tuning job that has not finished; cancel the job or wait "
+                       "for it to finish first.", param="file_id", code="file_in_use")
+    remove(session, storage, row)
+
+
+def remove(session: Session, storage: Storage, row: File) -> None:
+    """Delete a file's bytes after commit; its row goes too unless a job's history names it (then it stays as a
+    tombstone, so `training_file` of finished jobs still reads the id it trained on)."""
     key = row.storage_key
-    repo.delete(session, row)
+    if repo.count_jobs_using(session, row.id):
+        row.deleted_at = time.time()
+        session.flush()
+    else:
+        repo.delete(session, row)
     after_commit(session, lambda: storage.delete(key))
+
+
+def purge_expired(session: Session, storage: Storage, project: Project | None = None) -> int:
+    """Delete files past `expires_at` (reads already treat them as gone); a file an unfinished job still needs
+    waits for the job. `project` None: every project's (the sweeper)."""
+    purged = 0
+    for row in repo.expired(session, PURGE_BATCH, project.id if project else None):
+        if not repo.count_active_jobs_using(session, row.id):
+            remove(session, storage, row)
+            purged += 1
+    return purged

@@ -1,14 +1,17 @@
 """Fine-tuning jobs: create (validated before anything is queued), read, cancel; the worker does the rest."""
 
+import hashlib
+import json
 import re
 import secrets
 import time
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api import limits
 from api.schemas_jobs import (
     CheckpointMetrics,
     CheckpointObject,
@@ -17,6 +20,7 @@ from api.schemas_jobs import (
     JobCreate,
     JobError,
     JobObject,
+    Metadata,
     Method,
     Progress,
     ServedEval,
@@ -118,10 +122,12 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     dry_run = (body.model_extra or {}).pop("dry_run", False)
     if not isinstance(dry_run, bool):
         raise InvalidRequest("dry_run must be true or false.", param="dry_run")
+    body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+                               .encode()).hexdigest()
     if idempotency_key and not dry_run:
         existing = repo.get_by_idempotency_key(session, project.id, idempotency_key)
         if existing is not None:
-            return existing
+            return _replayed(existing, body_hash)
     spec = build_spec(body)
     try:
         model = catalogue.resolve(session, settings.models_dir, spec.model)
@@ -139,10 +145,12 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
         _note_unserved(session, plan, placement)
     if dry_run:
         return plan
+    limits.check_job_quota(session, settings, project, plan.model_dump(mode="json"), placement)
     job = Job(id=new_id("ftjob"), project_id=project.id, model=spec.model, training_file_id=training.id,
               validation_file_id=validation.id if validation else None, status="validating_files",
               spec=spec.model_dump(mode="json"), suffix=body.suffix or None, seed=spec.seed,
-              user_metadata=body.metadata, idempotency_key=idempotency_key, result_files=[], attempts=0,
+              user_metadata=body.metadata, idempotency_key=idempotency_key,
+              idempotency_hash=body_hash if idempotency_key else None, result_files=[], attempts=0,
               cancel_requested=False, created_at=time.time(), plan=plan.model_dump(mode="json"), placement=placement)
     try:
         with session.begin_nested():
@@ -151,7 +159,7 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
         existing = repo.get_by_idempotency_key(session, project.id, idempotency_key or "")
         if existing is None:
             raise
-        return existing
+        return _replayed(existing, body_hash)
     lifecycle.add_event(session, job, f"Created fine-tuning job {job.id}")
     if ready:
         lifecycle.resolve_hyperparameters(job, training)
@@ -159,6 +167,14 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     else:
         lifecycle.add_event(session, job, "Waiting for the dataset's validation to finish")
     return job
+
+
+def _replayed(existing: Job, body_hash: str) -> Job:
+    """The job an Idempotency-Key already created, when the body is the one it was created with."""
+    if existing.idempotency_hash is not None and existing.idempotency_hash != body_hash:
+        raise Conflict(f"This Idempotency-Key was used with a different request body (job {existing.id}); use a new "
+                       "key for a different job.", param="Idempotency-Key", code="idempotency_key_reused")
+    return existing
 
 
 def _note_unserved(session: Session, plan: Plan, placement: dict) -> None:
@@ -293,7 +309,9 @@ def to_object(job: Job, project: Project, position: tuple[int, float | None] | N
         id=job.id, created_at=int(job.created_at), error=JobError(**job.error) if job.error else None,
         fine_tuned_model=job.fine_tuned_model, finished_at=int(job.finished_at) if job.finished_at else None,
         hyperparameters=hyper, model=job.model, organization_id=project.id, result_files=job.result_files or [],
-        seed=job.seed, status=job.status, trained_tokens=job.trained_tokens, training_file=job.training_file_id,
+        seed=job.seed, status=job.status, training_file=job.training_file_id,
+        # OpenAI: null until the job has finished.
+        trained_tokens=job.trained_tokens if job.status in repo.TERMINAL_STATUSES else None,
         validation_file=job.validation_file_id,
         estimated_finish=_estimated_finish(job, position),
         metadata=job.user_metadata, method=Method(type="supervised", supervised=SupervisedMethod(hyperparameters=hyper)),
@@ -341,11 +359,20 @@ def checkpoint_object(job: Job, project: Project, checkpoint: Checkpoint) -> Che
 METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 
 
+METADATA = TypeAdapter(Metadata)
+
+
 def metadata_filter(query_items: list[tuple[str, str]]) -> dict[str, str]:
-    """`metadata[k]=v` query parameters as a dict (OpenAI's list filter)."""
+    """`metadata[k]=v` query parameters as a dict (OpenAI's list filter), held to the limits metadata is held to."""
     found = {}
     for key, value in query_items:
         match = METADATA_QUERY.match(key)
         if match:
             found[match.group(1)] = value
-    return found
+    try:
+        return METADATA.validate_python(found)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = f"metadata[{error['loc'][0]}]" if error["loc"] else "metadata"
+        raise InvalidRequest(f"{param}: {error['msg']} (metadata keys are 1 to 64 characters without '\"' or '\\', "
+                             "values at most 512 characters, 16 pairs at most).", param=param) from None

@@ -39,7 +39,7 @@ def page(session: Session, project_id: str, *, after: str | None, limit: int, st
         stmt = stmt.where(Job.status == status)
     for key, value in (metadata or {}).items():
         stmt = stmt.where(Job.user_metadata[key].as_string() == value)
-    return paginate(session, stmt, Job, after=after, limit=limit)
+    return paginate(session, stmt, Job, after=after, limit=limit, scope=Job.project_id == project_id)
 
 
 def waiting_on_file(session: Session, file_id: str) -> list[Job]:
@@ -151,6 +151,26 @@ def delete_row(session: Session, row: Checkpoint) -> None:
 
 
 def fine_tuned(session: Session, project_id: str) -> list[Job]:
-    stmt = (select(Job).where(Job.project_id == project_id, Job.status == "succeeded")
+    stmt = (select(Job).where(Job.project_id == project_id, Job.status == "succeeded",
+                              Job.model_deleted_at.is_(None))
             .order_by(Job.seq.desc()))
     return list(session.scalars(stmt))
+
+def active_of_project(session: Session, project_id: str) -> list[Job]:
+    """A project's jobs validating, queued or running (its quotas)."""
+    stmt = select(Job).where(Job.project_id == project_id, Job.status.in_(("validating_files", "queued", "running")))
+    return list(session.scalars(stmt))
+
+
+def count_merged(session: Session, project_id: str) -> int:
+    """A project's merged models stored or being made, of fine-tuned models not deleted."""
+    stmt = select(Job.artifacts).where(Job.project_id == project_id, Job.status == "succeeded",
+                                       Job.model_deleted_at.is_(None), Job.artifacts.is_not(None))
+    return sum(1 for artifacts in session.scalars(stmt) if (artifacts.get("merged") or {}).get("status")
+               in ("pending", "ready"))
+
+
+def by_fine_tuned_model(session: Session, project_id: str, model: str) -> Job | None:
+    """The project's succeeded job that produced `model`, unless that model was deleted."""
+    return session.scalar(select(Job).where(Job.project_id == project_id, Job.fine_tuned_model == model,
+                                            Job.status == "succeeded", Job.model_deleted_at.is_(None)))

@@ -3,10 +3,10 @@
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
-from core.errors import InvalidRequest
+from core.errors import NotFound
 
 T = TypeVar("T")
 
@@ -25,12 +25,20 @@ def paginate(
     after: str | None,
     limit: int,
     order: Literal["asc", "desc"] = "desc",
+    scope: ColumnElement[bool] | None = None,
 ) -> Page:
-    """Rows of `stmt` after the row whose id is `after`, in `seq` order; one extra row tells `has_more`."""
+    """Rows of `stmt` after the row whose id is `after`, in `seq` order; one extra row tells `has_more`.
+
+    The cursor is looked up within `scope` (default: `stmt`'s own filters; a list filtered by status passes its
+    project) only: another project's id answers exactly as an id that does not exist, so a cursor never tells
+    whether someone else's object exists.
+    """
     if after:
-        cursor = session.scalar(select(model.seq).where(model.id == after))
+        scope = stmt.whereclause if scope is None else scope
+        lookup = select(model.seq).where(model.id == after)
+        cursor = session.scalar(lookup if scope is None else lookup.where(scope))
         if cursor is None:
-            raise InvalidRequest(f"No object with id '{after}' to page after.", param="after")
+            raise NotFound(f"No object with id '{after}' to page after.", param="after")
         stmt = stmt.where(model.seq < cursor if order == "desc" else model.seq > cursor)
     stmt = stmt.order_by(model.seq.desc() if order == "desc" else model.seq.asc()).limit(limit + 1)
     rows = list(session.scalars(stmt))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.quality import exact_match, has_fact, key_facts, score_answer, summarize
+from core.quality import best_checkpoint_index, exact_match, has_fact, key_facts, score_answer, summarize
 
 
 @pytest.mark.parametrize(("answer", "expected", "same"), [
@@ -56,3 +56,13 @@ def test_summary_counts_key_facts_only_over_answers_that_have_them():
                                  "fact_recall": 3 / 4}
     assert summarize([]) == {"answers": 0, "exact_match": None, "answers_with_facts": 0, "key_facts": None,
                              "fact_recall": None}
+
+
+def test_the_best_checkpoint_is_chosen_among_evaluated_ones_earliest_on_a_tie():
+    metrics = [{"step": 5, "valid_loss": 0.9, "valid_mean_token_accuracy": 0.6},
+               {"step": 7, "train_loss": 0.2},  # saved by time, never evaluated
+               {"step": 10, "valid_loss": 0.7, "valid_mean_token_accuracy": 0.8},
+               {"step": 15, "valid_loss": 0.7, "valid_mean_token_accuracy": 0.8}]
+    assert best_checkpoint_index(metrics, "valid_loss") == 2
+    assert best_checkpoint_index(metrics, "valid_mean_token_accuracy") == 2
+    assert best_checkpoint_index([{"step": 3, "train_loss": 1.0}], "valid_loss") is None
