@@ -73,6 +73,38 @@ class ServedEval(BaseModel):
     merge_base: Literal["full_precision", "dequantized_4bit"]
 
 
+class QualityFigures(BaseModel):
+    """Answers to held-out prompts scored against the expected ones (core/quality.py)."""
+
+    answers: int
+    exact_match: float | None = Field(None, description="Share of answers equal to the expected one")
+    answers_with_facts: int = Field(0, description="Answers whose expected answer has numbers, codes or quoted terms")
+    key_facts: float | None = Field(None, description="Share of those answers that state all of them")
+    fact_recall: float | None = Field(None, description="Share of all key facts stated")
+
+
+class Quality(BaseModel):
+    """Greedy answers of the base and the tuned model to a fixed sample of held-out prompts
+    (`GET /v1/fine_tuning/jobs/{id}/answers`)."""
+
+    sample: int
+    answered: int = Field(description="Fewer than the sample when the time budget ran out")
+    max_new_tokens: int
+    seconds: float
+    base: QualityFigures
+    tuned: QualityFigures
+
+
+class DeliveredCheckpoint(BaseModel):
+    """The checkpoint delivered as the job's adapter: the best by the spec's best_checkpoint_metric."""
+
+    step: int
+    metric: str
+    value: float
+    last_step: int
+    early_stopped: bool
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -111,6 +143,9 @@ class JobObject(BaseModel):
     chat_template: str | None = Field(None, description="The template trained with: model, plain or chatml")
     served_eval: ServedEval | None = Field(
         None, description="QLoRA: held-out loss where the adapter is served, of both merges, and which one is exported")
+    quality: Quality | None = Field(None, description="Exact match and key facts on held-out prompts, base and tuned")
+    delivered_checkpoint: DeliveredCheckpoint | None = Field(
+        None, description="Which checkpoint the adapter is, when chosen on validation data")
     cancel_requested: bool = False
     attempts: int = 0
     plan: dict[str, Any] | None = Field(
@@ -130,6 +165,16 @@ class EventObject(BaseModel):
     data: dict[str, Any] | None = None
 
 
+class AnswerObject(BaseModel):
+    object: Literal["fine_tuning.job.answer"] = "fine_tuning.job.answer"
+    prompt: str
+    expected: str
+    base: str
+    tuned: str
+    base_score: dict[str, Any]
+    tuned_score: dict[str, Any]
+
+
 class CheckpointMetrics(BaseModel):
     step: float | None = None
     train_loss: float | None = None
@@ -138,6 +183,10 @@ class CheckpointMetrics(BaseModel):
     valid_mean_token_accuracy: float | None = None
     full_valid_loss: float | None = None
     full_valid_mean_token_accuracy: float | None = None
+    # On the delivered checkpoint: its answers to the held-out sample (the job's `quality.tuned`).
+    exact_match: float | None = None
+    key_facts: float | None = None
+    fact_recall: float | None = None
 
 
 class CheckpointObject(BaseModel):

@@ -327,14 +327,13 @@ class JobRun:
                 log.warning("could not delete %s; garbage collection removes it", key)
 
     def _prune_checkpoints(self, session) -> list[str]:
-        """Drop the rows of the oldest checkpoints beyond the spec's limit, never the best one (the job's adapter may
-        be it); their keys, deleted once the rows are gone."""
+        """Drop the rows of checkpoints older than the spec's newest N, except the best one (the job's adapter may be
+        it); their keys, deleted once the rows are gone."""
         limit = self.job.spec.save_total_limit
         stored = repo.checkpoints(session, self.job.id)
         best = best_checkpoint_index([c.metrics or {} for c in stored], self.job.spec.best_checkpoint_metric)
-        prunable = [c for i, c in enumerate(stored) if i != best]
         keys = []
-        for old in prunable[: max(0, len(stored) - limit)] if limit else []:
+        for old in [c for i, c in enumerate(stored[: max(0, len(stored) - limit)] if limit else []) if i != best]:
             keys += [old.storage_key] + [entry["key"] for entry in (old.artifacts or {}).values()]
             repo.delete_row(session, old)
         return keys

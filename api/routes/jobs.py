@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.schemas import ListResponse
-from api.schemas_jobs import CheckpointObject, EventObject, JobCreate, JobObject
+from api.schemas_jobs import AnswerObject, CheckpointObject, EventObject, JobCreate, JobObject
 from api.services import artifacts
 from api.services import jobs as service
 from core.planning import Plan
@@ -64,6 +64,12 @@ def list_events(job_id: str, session: SessionDep, project: CurrentProject, after
                 limit: Limit = 20) -> ListResponse[EventObject]:
     page = service.events(session, project, job_id, after=after, limit=limit)
     return ListResponse.of([service.event_object(e) for e in page.items], page.has_more)
+
+
+@router.get("/{job_id}/answers", response_model=ListResponse[AnswerObject])
+def list_answers(job_id: str, session: SessionDep, project: CurrentProject) -> ListResponse[AnswerObject]:
+    """Greedy answers of the base and the tuned model to the held-out sample, each scored (job.quality sums them)."""
+    return ListResponse.of(service.answers(session, project, job_id), False)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from api import limits
 from api.schemas_jobs import (
+    AnswerObject,
     CheckpointMetrics,
     CheckpointObject,
     EventObject,
@@ -253,6 +254,11 @@ def events(session: Session, project: Project, job_id: str, *, after: str | None
     return repo.events_page(session, job_id, after=after, limit=limit)
 
 
+def answers(session: Session, project: Project, job_id: str) -> list[AnswerObject]:
+    """The base's and the tuned model's answers to the job's held-out sample; empty until it succeeded with one."""
+    return [AnswerObject(**row) for row in (get(session, project, job_id).result or {}).get("answers") or []]
+
+
 def checkpoints(session: Session, project: Project, job_id: str, *, after: str | None,
                 limit: int) -> Page[Checkpoint]:
     get(session, project, job_id)
@@ -322,6 +328,7 @@ def to_object(job: Job, project: Project, position: tuple[int, float | None] | N
         cancel_requested=job.cancel_requested, pause_requested=job.pause_requested, attempts=job.attempts,
         **(job.parameters or {}),
         chat_template=(job.result or {}).get("chat_template"), served_eval=served_eval(job.result),
+        quality=(job.result or {}).get("quality"), delivered_checkpoint=(job.result or {}).get("best_checkpoint"),
         plan=job.plan, placement=job.placement, queue_position=position[0] if position else None,
     )
 
