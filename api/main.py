@@ -12,6 +12,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from api.deps import get_current_project
 from api.errors import install_error_handlers
 from api.gate import Gate
+from api.limits import rate_limit
 from api.routes import dashboard, files, health, jobs, metrics, models
 from api.services.metrics import ApiLatency
 from core.logging import configure_logging, request_id_var
@@ -84,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext)
     app.add_middleware(ApiLatency)  # outermost: times the whole answer, refusals by the gate included
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_current_project)])
+    # The rate limit counts a key's requests once the key is known to be valid.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_current_project), Depends(rate_limit)])
     v1.include_router(files.router)
     v1.include_router(jobs.router)
     v1.include_router(models.router)

@@ -152,7 +152,9 @@ def main() -> None:
     build_tiny_model(models / "tiny" / "llama")
     env = {"LORAJOBS_DATABASE_URL": database_url, "LORAJOBS_BROKER_URL": args.redis,
            "LORAJOBS_STORAGE_URL": f"file://{work / 'objects'}", "LORAJOBS_MODELS_DIR": str(models),
-           "LORAJOBS_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+           "LORAJOBS_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+           # One key drives the whole load: the per-key rate limit would measure itself, not the API.
+           "LORAJOBS_RATE_LIMIT_REQUESTS": "0"}
     (work / "bare_app.py").write_text(BARE_APP)
     api_port, bare_port = free_port(), free_port()
     procs = []

@@ -97,7 +97,9 @@ def settings(pg_url, redis_url, s3_endpoint, models_dir, tmp_path_factory) -> Se
     settings = Settings(database_url=pg_url, broker_url=redis_url, broker_prefix=f"{bucket}:",
                         storage_url=f"s3://{bucket}/data",
                         s3_endpoint_url=s3_endpoint, models_dir=models_dir, data_dir=data_dir, lease_seconds=6,
-                        sweep_interval_seconds=1, max_attempts=3, max_upload_bytes=8 * 1024 * 1024, log_json=False)
+                        sweep_interval_seconds=1, max_attempts=3, max_upload_bytes=8 * 1024 * 1024, log_json=False,
+                        # Tests poll many objects several times a second; tests/api/test_quotas.py sets the limits.
+                        rate_limit_requests=100_000, rate_limit_uploads=10_000)
     os.environ.update(settings_env(settings))
     os.environ["LORAJOBS_MAX_UPLOAD_BYTES"] = str(settings.max_upload_bytes)
     get_settings.cache_clear()
