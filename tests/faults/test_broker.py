@@ -111,3 +111,36 @@ def test_redis_restarted_empty_with_a_job_queued_one_running_and_a_file_validati
         assert done.model_extra["attempts"] == 1
     assert file_row(settings, validating.id).resends >= 1
     assert job_row(settings, queued.id).resends >= 1
+
+
+@pytest.mark.parametrize("transport", ["redis", "filesystem"])
+def test_kill_9_of_the_cpu_worker_mid_validation_the_file_is_validated_by_the_next_worker(settings, tmp_path,
+                                                                                          transport):
+    server = RedisServer(tmp_path).start() if transport == "redis" else None
+    mine = settings.model_copy(update={"broker_url": server.url if server else "filesystem://",
+                                       "data_dir": tmp_path / "data"})
+    api, sweeper = ApiServer(mine).start(), Sweeper(mine, LOGS / f"faults-kill-sweeper-{transport}.log").start()
+    logs = [LOGS / f"faults-kill-cpu-{transport}-{n}.log" for n in (1, 2)]
+    first = WorkerProcess(mine, "cpu", logs[0]).start()
+    second = None
+    try:
+        client = client_for(api, mine)
+        # Big enough that validating it (format, then tokens for every catalogue model) takes seconds.
+        uploaded = client.files.create(file=("big.jsonl", io.BytesIO(support_dataset(8000))), purpose="fine-tune")
+        deadline = time.monotonic() + 120
+        while b"lorajobs.files.validate[" not in logs[0].read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        first.kill_hard()
+        assert client.files.retrieve(uploaded.id).status == "uploaded", "validation ended before the kill"
+        second = WorkerProcess(mine, "cpu", logs[1]).start()
+        done = wait_file(client, uploaded.id, timeout=180)
+        assert done.status == "processed", done.status_details
+        assert file_row(mine, uploaded.id).resends >= 1
+    finally:
+        for part in (second, sweeper, api):
+            if part:
+                part.stop()
+        first.log.close()
+        if server:
+            server.kill()
