@@ -47,7 +47,8 @@ def collect(settings: Settings | None = None, storage: Storage | None = None) ->
 
 def _referenced(session) -> tuple[set[str], dict[str, tuple[str, int, bool]]]:
     """Every key a row names, and each job's (status, attempts, merge in progress)."""
-    keys = set(session.scalars(select(File.storage_key)))
+    # A deleted file's row may stay as a tombstone a job's history names; its bytes are garbage all the same.
+    keys = set(session.scalars(select(File.storage_key).where(File.deleted_at.is_(None))))
     for key, artifacts in session.execute(select(Checkpoint.storage_key, Checkpoint.artifacts)):
         keys.add(key)
         keys.update(entry["key"] for entry in (artifacts or {}).values() if isinstance(entry, dict) and "key" in entry)

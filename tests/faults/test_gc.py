@@ -56,6 +56,7 @@ def test_gc_removes_orphans_and_keeps_live_objects_and_folders(gc_settings):
     settings, storage = gc_settings, get_storage(gc_settings)
     project = make_project(settings)
     kept_file = make_file(settings, project)
+    deleted_file = make_file(settings, project, deleted_at=time.time())
     prefix = f"projects/{project}/jobs"
     running = make_job(settings, status="running", attempts=2, lease_owner="alive", lease_expires_at=time.time() + 60,
                        started_at=time.time() - 100)
@@ -71,7 +72,7 @@ def test_gc_removes_orphans_and_keeps_live_objects_and_folders(gc_settings):
     live = [put(storage, file_key(project, kept_file)), put(storage, finished_archive),
             put(storage, f"{prefix}/{running}/attempt-1/checkpoints/step-2/state.tar.gz"),
             put(storage, f"{prefix}/{running}/attempt-2/checkpoints/step-4/state.tar.gz")]
-    orphans = [put(storage, file_key(project, "file-neverrecorded")),
+    orphans = [put(storage, file_key(project, "file-neverrecorded")), put(storage, file_key(project, deleted_file)),
                put(storage, f"{prefix}/{running}/attempt-1/checkpoints/step-4/state.tar.gz"),
                put(storage, f"{prefix}/{finished}/attempt-1/checkpoints/step-9/state.tar.gz")]
     stale_upload = start_multipart(storage, file_key(project, "file-killedmidupload"))
