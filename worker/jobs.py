@@ -552,8 +552,8 @@ def _record_peak_memory(settings: Settings, job: ClaimedJob, owner: str, run: "J
     placement = {**job.placement, "measured_peak_bytes": peak, "measured_on": device,
                  "predicted_peak_bytes": predicted[1] if predicted else None,
                  "predicted_class": predicted[0] if predicted else None}
-    with transaction(settings.database_url) as session:
-        repo.update_owned(session, job.id, owner, placement=placement)
+    run.write("the measured peak", lambda session, _job: repo.update_owned(session, job.id, owner, placement=placement),
+              retry=True)
     how = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the worker process"
     versus = f"; the plan predicted {predicted[1] / 1024**3:.2f} GiB on {predicted[0]}" if predicted else ""
     run.on_event("info", f"Peak memory measured: {peak / 1024**3:.2f} GiB ({how}){versus}.")
