@@ -168,3 +168,20 @@ def test_a_merge_whose_message_was_lost_is_sent_again(quiet):
     assert "resends" not in job_row(quiet, fresh).artifacts["merged"]
     sweep(quiet)
     assert job_row(quiet, stuck).artifacts["merged"]["resends"] == 1
+
+
+def test_the_sweep_on_the_embedded_sqlite_database(quiet, tmp_path):
+    """The embedded default runs the same sweep: the database's clock and the JSON queries work on SQLite too."""
+    from db.migrate import upgrade
+
+    embedded = quiet.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'lorajobs.db'}"})
+    upgrade(embedded.database_url)
+    lost = expired_jobs(embedded, 1)[0]
+    cancelled = make_job(embedded, status="queued", cancel_requested=True, lease_expires_at=time.time() + 60)
+    merge = make_job(embedded, status="succeeded", artifacts={"merged": {"status": "pending", "requested_at": 0}})
+    stuck_file = make_file(embedded, make_project(embedded), status="uploaded", created_at=0)
+    sweep(embedded)
+    assert_requeued_once(embedded, [lost])
+    assert job_row(embedded, cancelled).status == "cancelled"
+    assert job_row(embedded, merge).artifacts["merged"]["resends"] == 1
+    assert file_row(embedded, stuck_file).resends == 1
