@@ -154,6 +154,18 @@ def unrunnable(session: Session, job: Job) -> tuple[str, str, str | None] | None
     return None
 
 
+def fail_unclaimable(session: Session, job_id: str, exc: Exception) -> bool:
+    """After a claim that raised (rolled back, so the job is still queued): fail the job with the reason, once,
+    instead of leaving every resend to be refused the same way."""
+    job = repo.get_any(session, job_id, for_update=True)
+    if job is None or job.status != "queued":
+        return False
+    code, message, param = unrunnable(session, job) or (
+        "claim_failed", f"The job could not be started: {type(exc).__name__}: {exc}"[:1000], None)
+    fail(session, job, code, message, param=param)
+    return True
+
+
 def fail(session: Session, job: Job, code: str, message: str, *, param: str | None = None) -> None:
     job.status = "failed"
     job.error = {"code": code, "message": message, "param": param}

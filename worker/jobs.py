@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from core import queue, routing
 from core.archives import ARCHIVE_FORMATS, make_archive, sha256_file, unpack_archive
 from core.errors import InvalidRequest, LorajobsError, ObjectNotFound
@@ -354,7 +356,15 @@ def run_job(job_id: str) -> None:
         log.info("shutting down; job not claimed", extra={"job_id": job_id})
         return
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    claimed = claim(settings, job_id, owner)
+    try:
+        claimed = claim(settings, job_id, owner)
+    except SQLAlchemyError:
+        raise  # the database is away: the job stays queued and the sweep sends it again
+    except Exception as exc:  # it can never be claimed (a stored spec this version rejects): fail it, once
+        log.exception("claim failed", extra={"job_id": job_id})
+        with transaction(settings.database_url) as session:
+            lifecycle.fail_unclaimable(session, job_id, exc)
+        return
     if claimed is None:
         log.info("job not claimable (running elsewhere, finished or cancelled); message ignored",
                  extra={"job_id": job_id})

@@ -141,6 +141,18 @@ def test_a_job_whose_stored_spec_no_longer_validates_fails_invalid_spec(quiet, s
     assert (job_row(quiet, job_id).status, job_row(quiet, job_id).resends) == ("failed", 0)
 
 
+def test_a_claim_that_raises_fails_the_job_once_instead_of_refusing_every_resend(settings):
+    from worker.jobs import run_job
+
+    job_id = make_job(settings, status="queued", spec={"model": "tiny/llama", "retired_field": 1},
+                      lease_expires_at=time.time() + 60)
+    run_job(job_id)  # what the worker's task does with the message
+    row = job_row(settings, job_id)
+    assert (row.status, row.error["code"], row.attempts) == ("failed", "invalid_spec", 0)
+    run_job(job_id)  # a duplicate message finds the job finished
+    assert event_messages(settings, job_id).count(row.error["message"]) == 1
+
+
 def test_a_file_whose_validation_message_was_lost_is_sent_again(quiet):
     project_id = make_project(quiet)
     stuck = make_file(quiet, project_id, status="uploaded",
