@@ -39,6 +39,32 @@ def store_result_file(session: Session, storage: Storage, project_id: str, *, fi
     return row
 
 
+EXPIRED_FILES_BATCH = 100
+
+
+def delete_file(session: Session, storage: Storage, row: File) -> None:
+    """Delete a file's bytes after commit; its row goes too unless a job's history names it (then it stays as a
+    tombstone, invisible to every read, so `training_file` of a finished job still reads the id it trained on)."""
+    key = row.storage_key
+    if files_repo.count_jobs_using(session, row.id):
+        row.deleted_at = time.time()
+        session.flush()
+    else:
+        files_repo.delete(session, row)
+    after_commit(session, lambda: storage.delete(key))
+
+
+def purge_expired_files(session: Session, storage: Storage, project_id: str | None = None) -> int:
+    """Delete files past their `expires_after` (reads already treat them as gone); a file a job that has not
+    finished still needs waits for it. By the sweeper (every project) and on a project's reads."""
+    purged = 0
+    for row in files_repo.expired(session, EXPIRED_FILES_BATCH, project_id):
+        if not files_repo.count_active_jobs_using(session, row.id):
+            delete_file(session, storage, row)
+            purged += 1
+    return purged
+
+
 def fine_tuned_model_name(job: Job, project_name: str) -> str:
     """`ft:{base}:{project}:{suffix}:{job id}`, the name serving stacks and `/v1/models` use."""
     return f"ft:{job.model}:{project_name}:{job.suffix or ''}:{job.id}"

@@ -12,12 +12,14 @@ fault costs a job, is stated in docs/operations.md.
   cancel asked is cancelled (no claim takes it), and one that can never be claimed fails with the reason.
 - A file still `uploaded` past its deadline had its validation message lost: sent again the same way.
 - A merge still pending past its deadline: sent again the same way, so `/merged` does not answer 202 forever.
+- A file past its `expires_after` is deleted (reads already treat it as gone), unless an unfinished job uses it.
 """
 
 import logging
 
 from core import queue
 from core.settings import Settings, get_settings
+from core.storage import get_storage
 from db import lifecycle
 from db.clock import db_now
 from db.models import Job
@@ -34,7 +36,8 @@ BATCH = 500
 def sweep(settings: Settings | None = None) -> dict[str, int]:
     """One pass; returns how many rows of each outcome it settled."""
     settings = settings or get_settings()
-    counts = dict.fromkeys(("requeued", "failed", "cancelled", "resent", "files_resent", "merges_resent"), 0)
+    counts = dict.fromkeys(("requeued", "failed", "cancelled", "resent", "files_resent", "merges_resent",
+                            "files_expired"), 0)
     with transaction(settings.database_url) as session:
         now = db_now(session)
         for job in repo.expired_leases(session, BATCH):
@@ -48,6 +51,7 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
             counts["files_resent"] += 1
         for job in repo.pending_merges(session, BATCH):
             counts["merges_resent"] += _stale_merge(session, settings, job, now)
+        counts["files_expired"] = lifecycle.purge_expired_files(session, get_storage(settings))
     if any(counts.values()):
         log.info("sweep", extra=counts)
     return counts

@@ -21,7 +21,6 @@ from db.session import after_commit
 UPLOAD_PURPOSES = ("fine-tune",)
 # OpenAI's bounds on `expires_after[seconds]`: an hour to thirty days after `created_at`.
 EXPIRES_AFTER_SECONDS = (3600, 2_592_000)
-PURGE_BATCH = 100
 
 
 def to_object(row: File) -> FileObject:
@@ -100,27 +99,9 @@ def delete(session: Session, storage: Storage, project: Project, file_id: str) -
     if repo.count_active_jobs_using(session, row.id):
         raise Conflict(f"File {file_id} is used by a fine-tuning job that has not finished; cancel the job or wait "
                        "for it to finish first.", param="file_id", code="file_in_use")
-    remove(session, storage, row)
+    lifecycle.delete_file(session, storage, row)
 
 
-def remove(session: Session, storage: Storage, row: File) -> None:
-    """Delete a file's bytes after commit; its row goes too unless a job's history names it (then it stays as a
-    tombstone, so `training_file` of finished jobs still reads the id it trained on)."""
-    key = row.storage_key
-    if repo.count_jobs_using(session, row.id):
-        row.deleted_at = time.time()
-        session.flush()
-    else:
-        repo.delete(session, row)
-    after_commit(session, lambda: storage.delete(key))
-
-
-def purge_expired(session: Session, storage: Storage, project: Project | None = None) -> int:
-    """Delete files past `expires_at` (reads already treat them as gone); a file an unfinished job still needs
-    waits for the job. `project` None: every project's (the sweeper)."""
-    purged = 0
-    for row in repo.expired(session, PURGE_BATCH, project.id if project else None):
-        if not repo.count_active_jobs_using(session, row.id):
-            remove(session, storage, row)
-            purged += 1
-    return purged
+def purge_expired(session: Session, storage: Storage, project: Project) -> int:
+    """The project's expired files, deleted as it reads or uploads (the sweeper does every project's)."""
+    return lifecycle.purge_expired_files(session, storage, project.id)

@@ -193,13 +193,25 @@ def test_expires_after_sets_expires_at_and_an_expired_file_is_gone(openai_client
             openai_client.files.create(file=("e.jsonl", io.BytesIO(chat_lines(10))), purpose="fine-tune",
                                        expires_after=expires_after)
         assert caught.value.param == param
+    swept = openai_client.files.create(file=("s.jsonl", io.BytesIO(chat_lines(10))), purpose="fine-tune",
+                                       expires_after={"anchor": "created_at", "seconds": 3600})
     # An hour passes: move the file's expiry into the past, as the clock would.
-    from db.session import transaction
-
-    with transaction(settings.database_url) as session:
-        session.execute(text("UPDATE files SET expires_at = :t WHERE id = :id"), {"t": time.time() - 1,
-                                                                                  "id": created.id})
+    expire(settings, created.id)
     with pytest.raises(openai.NotFoundError):
         openai_client.files.retrieve(created.id)
     assert created.id not in [f.id for f in openai_client.files.list()]  # reading the list also purges it
     assert not any(key.endswith(created.id) for key in objects_under(settings, "projects/"))
+    # A project that never reads again: the sweeper deletes its expired files.
+    from worker.sweep import sweep
+
+    expire(settings, swept.id)
+    assert any(key.endswith(swept.id) for key in objects_under(settings, "projects/"))
+    assert sweep(settings)["files_expired"] >= 1
+    assert not any(key.endswith(swept.id) for key in objects_under(settings, "projects/"))
+
+
+def expire(settings, file_id: str) -> None:
+    from db.session import transaction
+
+    with transaction(settings.database_url) as session:
+        session.execute(text("UPDATE files SET expires_at = :t WHERE id = :id"), {"t": time.time() - 1, "id": file_id})
