@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 from core.datasets.formats import Example, Turn
 from core.quality import score_answer
 from tests.helpers.tiny_model import retail_chat_records
-from tests.worker.conftest import tiny_spec, write_jsonl
-from worker.training import TrainingHooks, train
+from tests.worker.conftest import TINY, tiny_spec, write_jsonl
+from worker.training import TrainingHooks, load_tokenizer, train
 from worker.training.answers import answer_side_by_side, sample_prompts
-from worker.training.model import attach_adapter, load_base_model
+from worker.training.data import read_examples
+from worker.training.model import attach_adapter, load_adapter_model, load_base_model
 
 
 def chat(user: str, answer: str) -> Example:
@@ -100,3 +101,14 @@ def test_no_validation_data_means_no_answers_and_the_last_weights(models_dir, tm
     result = train(tiny_spec(validation_fraction=0.0), train_file, None, tmp_path / "out", models_dir=models_dir)
     assert result.status == "succeeded" and result.steps == result.total_steps == 5
     assert result.best_checkpoint is None and result.quality is None and result.answers is None
+
+
+def test_a_qlora_job_answers_with_its_adapter_as_served_on_the_full_precision_base(models_dir, chat_files, tmp_path):
+    train_file, valid_file = chat_files
+    spec = tiny_spec(quantization="nf4", answer_samples=3, answer_max_new_tokens=6)
+    result = train(spec, train_file, valid_file, tmp_path / "out", models_dir=models_dir)
+    served = load_adapter_model(result.adapter_dir, models_dir)  # what vLLM, TGI or PEFT load: no 4-bit base
+    prompts = sample_prompts(read_examples(valid_file), 3, spec.seed)
+    again = answer_side_by_side(served, load_tokenizer(TINY, models_dir), prompts, 6, budget_seconds=float("inf"))
+    assert [row["tuned"] for row in result.answers] == [row["tuned"] for row in again["answers"]]
+    assert [row["base"] for row in result.answers] == [row["base"] for row in again["answers"]]
