@@ -146,3 +146,18 @@ def test_the_api_refuses_to_listen_off_loopback_with_a_placeholder_secret_or_a_p
         with transaction(settings.database_url) as session:
             revoke_key(session, public)
     assert refused.returncode == 2 and "the public API key lj-local-dev-key is active" in refused.stderr
+
+
+def test_lorajobs_keys_create_read_only_makes_a_key_that_only_reads(api_url):
+    project = f"grafana-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run([sys.executable, "-m", "cli.main", "keys", "create", "--project", project, "--read-only"],
+                          cwd=ROOT, env={**os.environ, "LORAJOBS_LOG_JSON": "false"}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.split()[0]
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(api_url + "/v1/fine_tuning/jobs", headers=headers).status_code == 200
+    assert httpx.post(api_url + "/v1/fine_tuning/jobs/ftjob-x/cancel", headers=headers).status_code == 403
+    listed = subprocess.run([sys.executable, "-m", "cli.main", "keys", "list", "--project", project], cwd=ROOT,
+                            env={**os.environ, "LORAJOBS_LOG_JSON": "false"}, capture_output=True, text=True, timeout=60)
+    assert "read-only" in listed.stdout
