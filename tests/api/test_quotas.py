@@ -150,3 +150,15 @@ def test_queued_planned_hours_quota_uses_the_jobs_plan(server, settings):
     assert "planned training hours" in caught.value.message
     assert "LORAJOBS_MAX_QUEUED_GPU_HOURS_PER_PROJECT" in caught.value.message
     assert client.fine_tuning.jobs.list().data == []
+
+
+def test_an_unreachable_redis_lets_requests_through_rather_than_failing_them(settings, stack):
+    """Redis as broker but down: the rate limit cannot count, and the API still serves (the outage is logged)."""
+    api = serve(settings, broker_url="redis://127.0.0.1:1/0", rate_limit_requests=1)
+    key = make_project_key(settings).key
+    try:
+        statuses = [httpx.get(api.url + "/v1/files", headers={"Authorization": f"Bearer {key}"}).status_code
+                    for _ in range(3)]
+    finally:
+        api.stop()
+    assert statuses == [200, 200, 200]
