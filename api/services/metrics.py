@@ -15,7 +15,7 @@ from db.repositories import operations as ops
 from db.repositories import workers as workers_repo
 from db.session import session_factory
 
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 # A job runs minutes to days; a step takes milliseconds on a tiny model to minutes on a large one.
 JOB_SECONDS_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 72 * 3600)
 STEP_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -78,8 +78,9 @@ def _families(session: Session, settings: Settings) -> list:
 
     jobs = GaugeMetricFamily("lorajobs_jobs", "Fine-tuning jobs by status and training queue.",
                              labels=["status", "queue"])
+    statuses = sorted(set(JOB_STATUSES) | {status for status, _ in by_status})  # a status added later shows too
     for name in sorted(training_queues):
-        for status in JOB_STATUSES:
+        for status in statuses:
             jobs.add_metric([status, name], by_status.get((status, name), 0))
     depth = GaugeMetricFamily("lorajobs_queue_depth", "Jobs queued for training, waiting for a worker.",
                               labels=["queue"])
