@@ -30,6 +30,7 @@ from core.settings import Settings, get_settings
 from core.spec import JobSpec
 from core.storage import Storage, get_storage
 from db import lifecycle
+from db.clock import db_epoch
 from db.models import Checkpoint
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
@@ -515,7 +516,7 @@ def _settle_stopped(settings: Settings, job: ClaimedJob, owner: str, run: JobRun
             else:
                 requeued = _settle_in(session, job, owner, status="queued", level="warn",
                                       attempts=max(0, job.attempts - 1),
-                                      lease_expires_at=time.time() + settings.lease_seconds,
+                                      lease_expires_at=db_epoch() + settings.lease_seconds,
                                       message=f"The worker is shutting down: job released at step {result.steps}; it "
                                               f"resumes from {at} on the next free worker (no attempt spent)")
                 if requeued:
@@ -615,7 +616,7 @@ def _settle_attempt_failed(settings: Settings, job: ClaimedJob, owner: str, code
         if retry:
             requeued = _settle_in(session, job, owner, status="queued", level="warn",
                                   message=f"{message}; retrying (attempt {job.attempts + 1} of "
-                                  f"{settings.max_attempts})", lease_expires_at=time.time() + settings.lease_seconds)
+                                  f"{settings.max_attempts})", lease_expires_at=db_epoch() + settings.lease_seconds)
             if requeued:
                 name = job.placement.get("queue")
                 after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))
@@ -642,7 +643,7 @@ def _settle_infrastructure(settings: Settings, job: ClaimedJob, owner: str, fail
         delay = min(settings.lease_seconds * 2**retries, INFRA_RETRY_MAX_DELAY)
         _settle_in(session, job, owner, status="queued", level="warn", attempts=max(0, job.attempts - 1),
                    placement={**job.placement, "infra_retries": retries + 1},
-                   lease_expires_at=time.time() + delay,
+                   lease_expires_at=db_epoch() + delay,
                    message=f"{failure.message}; requeued, sent again in about {delay:.0f} s "
                            f"(infrastructure retry {retries + 1} of {settings.max_infra_retries}; no attempt spent)")
 
@@ -695,7 +696,7 @@ def _settle_out_of_memory(settings: Settings, job: ClaimedJob, owner: str) -> No
                      "oom_events": placement.get("oom_events", 0) + 1}
         requeued = _settle_in(session, job, owner, status="queued", level="warn", message=step.message,
                               placement=placement, attempts=max(0, job.attempts - 1),
-                              lease_expires_at=time.time() + settings.lease_seconds)
+                              lease_expires_at=db_epoch() + settings.lease_seconds)
         if requeued:
             name = placement.get("queue")
             after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))
