@@ -61,6 +61,8 @@ _running: list[WorkerHeartbeat] = []
 @signals.worker_ready.connect
 def _start(sender, **_) -> None:
     """The consumer is ready: its queues are known and the pool's children are already forked."""
+    if _running:  # the consumer restarted after losing the broker: this process already beats
+        return
     queues = sorted(sender.app.amqp.queues.consume_from)
     heartbeat = WorkerHeartbeat(get_settings().database_url, sender.hostname, queues,
                                 getattr(sender.pool, "num_processes", None) or 1)
