@@ -4,7 +4,9 @@ Each test measures, on the server, the body bytes the app read; in this process 
 thread of it), the resident memory and the bytes of temporary files open, sampled while the request runs.
 """
 
+import itertools
 import os
+import re
 import select
 import socket
 import tempfile
@@ -258,6 +260,27 @@ def test_a_dashboard_upload_without_a_session_is_refused_before_its_body(served)
                                   "Content-Type": f"multipart/form-data; boundary={boundary}"},
                                  chunked(multipart(boundary, repeated(GIB))))
     assert status == 303 and app.received == 0
+
+
+def test_a_signed_in_dashboard_upload_over_the_limit_is_cut_and_leaves_nothing(served, settings):
+    app, port, _ = served
+    key = make_project_key(settings).key
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/login").text).group(1)
+        browser.post("/login", data={"api_key": key, "csrf_token": token})
+        token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/files").text).group(1)
+        cookie = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
+    boundary = uuid.uuid4().hex
+    form = iter([f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrf_token\"\r\n\r\n{token}\r\n".encode()])
+    app.received = 0
+    status, body, _ = send_streamed(
+        port, "POST", "/files",
+        {"Transfer-Encoding": "chunked", "Content-Type": f"multipart/form-data; boundary={boundary}",
+         "Cookie": cookie},
+        chunked(itertools.chain(form, multipart(boundary, repeated(GIB)))))
+    assert status == 413 and b'"file_too_large"' in body
+    assert app.received <= settings.max_upload_bytes + 64 * KIB + SERVER_READ_AHEAD
+    assert project_objects(settings, key) == []
 
 
 def test_a_small_request_still_reads_normally(served, settings):
