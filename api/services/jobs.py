@@ -326,6 +326,7 @@ def to_object(job: Job, project: Project, position: tuple[int, float | None] | N
         resolved_hyperparameters=job.hyperparameters, progress=progress, baseline_eval_loss=job.baseline_eval_loss,
         final_eval_loss=job.final_eval_loss, adapter_sha256=job.adapter_sha256,
         cancel_requested=job.cancel_requested, pause_requested=job.pause_requested, attempts=job.attempts,
+        resends=job.resends,
         **(job.parameters or {}),
         chat_template=(job.result or {}).get("chat_template"), served_eval=served_eval(job.result),
         quality=(job.result or {}).get("quality"), delivered_checkpoint=(job.result or {}).get("best_checkpoint"),
