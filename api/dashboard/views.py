@@ -180,7 +180,7 @@ class CheckpointRow:
     download_url: str
 
 
-CHECKPOINT_METRICS = ("train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate")
+CHECKPOINT_METRICS = ("train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "exact_match", "key_facts")
 
 
 def checkpoint_row(job_id: str, checkpoint: Checkpoint) -> CheckpointRow:

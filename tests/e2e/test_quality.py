@@ -85,6 +85,7 @@ def test_a_job_with_a_validation_file_shows_answers_exact_match_and_delivers_its
     page = job_page(stack, project_key.key, job.id)
     assert "Answers on held-out prompts" in page and "The adapter is the checkpoint of step <b>2</b>" in page
     assert first["expected"] in page and "Exact match (base → tuned)" in page
+    assert "exact_match <b>" in page  # on the delivered checkpoint's row
 
 
 def test_answers_of_another_projects_job_are_not_found(openai_client, stack, settings):
