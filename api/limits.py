@@ -12,10 +12,9 @@ import logging
 import math
 import threading
 import time
-from typing import Annotated
 
 import redis
-from fastapi import Depends, Request
+from fastapi import Request
 from sqlalchemy.orm import Session
 
 from api.deps import SettingsDep, bearer_key
@@ -111,11 +110,9 @@ def rate_limit(request: Request, settings: SettingsDep) -> None:
         check_rate(settings, api_key, "uploads", settings.rate_limit_uploads)
 
 
-RateLimit = Annotated[None, Depends(rate_limit)]
-
-
 def _refuse(what: str, setting: str, limit: float, unit: str = "") -> QuotaExceeded:
-    return QuotaExceeded(f"Project quota reached: {what} (limit {limit:,g}{unit}, LORAJOBS_{setting.upper()}).",
+    shown = f"{limit:,}" if isinstance(limit, int) else f"{limit:,g}"
+    return QuotaExceeded(f"Project quota reached: {what} (limit {shown}{unit}, LORAJOBS_{setting.upper()}).",
                          retry_after=QUOTA_RETRY_AFTER)
 
 
