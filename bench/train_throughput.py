@@ -1,15 +1,30 @@
-"""Training throughput: our core vs the common Trainer+peft recipe (padding to max length) vs trl's SFTTrainer.
+"""Training throughput: our core against the recipes a careful user would run instead, in one invocation.
 
-Same model (SmolLM2-135M-Instruct), data, data order and hyperparameters; each run is its own process
-(clean peak RSS), runs are interleaved over rounds, and the report prints ratios against the common
-recipe measured in the same invocation. Real tokens are non-pad tokens; every variant's final eval
-loss is measured by the same function on the same validation rows. Also: LoRA vs QLoRA peak memory.
+Variants (each in its own process, for a clean peak RSS; interleaved over --rounds, in a rotated order):
+  core  lorajobs' training core (`worker.training.train`: padding-free packing, assistant-only labels)
+  b1    transformers Trainer + peft, each micro-batch padded to its longest row (DataCollatorForSeq2Seq)
+  b2    transformers Trainer + peft, every row padded to 256 tokens (a reference; demo data and LoRA only)
+  c1    trl SFTTrainer with its defaults
+  c2    trl SFTTrainer with its padding-free batching (`padding_free=True`) and assistant-only loss
+Every variant gets the same base model, loaded by the same function (`load_base_model`: fp32 for LoRA, NF4 with
+the machine's compute dtype for QLoRA), the same LoRA settings, data, order and hyperparameters, and is timed by
+the same wall clock around its Trainer's `train()` (model loading, tokenizing and evaluation excluded alike).
+Real tokens are the example tokens each recipe trains on (no padding); every final eval loss is computed by the
+same function on the same validation rows (assistant tokens only).
 
-    .venv/bin/python bench/train_throughput.py --examples 48 --rounds 1
+Two datasets: the demo (rows of 64–92 tokens) and a long-tailed one (bench/longtail_dataset.py, about 70 to
+1,000 tokens), where padding costs most. The JSON written to --json holds every run, the medians with min–max
+spread, ratios of the core against each baseline, and the machine (CPU model and flags, threads, torch version,
+load average, and the CPU time other processes took during the run); the run warns when that was more than a
+quarter of a core: the figures then measure the contention, not the code.
+
+    .venv/bin/python bench/train_throughput.py --json test-output/train_throughput.json
 """
 
 import argparse
 import json
+import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -21,22 +36,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("core", "common", "trl")
+VARIANTS = {
+    "core": "lorajobs core (padding-free packing)",
+    "b1": "Trainer+peft, pad to longest in batch",
+    "b2": "Trainer+peft, pad to 256",
+    "c1": "trl SFTTrainer defaults",
+    "c2": "trl SFTTrainer padding-free",
+}
+B2_LENGTH = 256  # the demo's rows are at most 92 tokens; padding the long-tailed rows to 1,024 would need ~10 GB
+BASELINES = ("b1", "c1", "c2")  # the goal: the core against the best of these
+DATASETS = ("demo", "longtail")
+BUSY_OTHER_CORES = 0.25  # other processes' average CPU use (in cores) above which the figures are flagged
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=None, help="Catalogue (SmolLM2 is installed there if missing).")
-    parser.add_argument("--train", type=Path, default=ROOT / "examples" / "demo" / "train.jsonl")
-    parser.add_argument("--valid", type=Path, default=ROOT / "examples" / "demo" / "valid.jsonl")
-    parser.add_argument("--examples", type=int, default=48, help="Training examples (the first N of --train).")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated: demo, longtail.")
+    parser.add_argument("--modes", default="lora,qlora", help="Comma-separated: lora, qlora.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--examples", type=int, default=32, help="Training examples per dataset.")
     parser.add_argument("--valid-examples", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps of one epoch; overrides --examples.")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--max-seq-length", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--rounds", type=int, default=1, help="Interleaved repetitions of every variant.")
-    parser.add_argument("--child", choices=VARIANTS + ("core-qlora",), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved repetitions of every variant.")
+    parser.add_argument("--json", type=Path, default=None, help="Write the machine-readable results here.")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -47,32 +73,67 @@ def head_jsonl(source: Path, n: int, dest: Path) -> Path:
     return dest
 
 
+def prepare_data(name: str, args, workdir: Path) -> Path:
+    """The dataset's first --examples training and --valid-examples validation rows under workdir/name."""
+    out = workdir / name
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "demo":
+        source = ROOT / "examples" / "demo"
+    else:
+        from bench.longtail_dataset import write
+
+        source = out / "source"
+        write(source, args.examples, args.valid_examples)
+    head_jsonl(source / "train.jsonl", args.examples, out / "train.jsonl")
+    head_jsonl(source / "valid.jsonl", args.valid_examples, out / "valid.jsonl")
+    return out
+
+
+# ---- the child: one variant, one mode, one dataset ----
+
 def spec_for(args, quantization: str):
     from core.spec import JobSpec
     from worker.catalogue import SMOLLM2_ID
 
     return JobSpec(model=SMOLLM2_ID, quantization=quantization, n_epochs=1, batch_size=args.batch_size,
                    micro_batch_size=args.batch_size, learning_rate=args.learning_rate, max_seq_length=args.max_seq_length,
-                   warmup_ratio=0.0, lora={"r": 8, "dropout": 0.0}, seed=0, save_steps=10_000, save_total_limit=1)
+                   warmup_ratio=0.0, lora={"r": 8, "dropout": 0.0}, seed=0, save_steps=10_000, save_total_limit=1,
+                   answer_samples=0, early_stopping_patience=None)  # throughput only: no sample answers
 
 
-def eval_rows(spec, tokenizer, valid_path: Path):
+def _rows(spec, tokenizer, path: Path):
     from worker.training.data import read_examples, tokenize_all
 
-    return tokenize_all(read_examples(valid_path), tokenizer, spec.max_seq_length, spec.train_on_inputs).rows
+    return tokenize_all(read_examples(path), tokenizer, spec.max_seq_length, spec.train_on_inputs).rows
 
 
-def run_core(args, quantization: str) -> dict:
-    """(a) our training core, end to end through `train`."""
-    from worker.training import TrainingHooks, train
+def _final_eval_loss(model, spec, tokenizer, data: Path) -> float:
+    from worker.training.data import make_collator
+    from worker.training.evaluate import evaluate_model
 
-    progress = []
-    result = train(spec_for(args, quantization), args.workdir / "train.jsonl", args.workdir / "valid.jsonl",
-                   args.workdir / f"out-{quantization}", TrainingHooks(on_progress=progress.append),
-                   models_dir=args.models_dir)
-    last = progress[-1]
-    return {"real_tokens": last["tokens_seen"], "tokens_per_second": last["tokens_per_second"],
-            "steps": result.steps, "final_eval_loss": result.final_eval["loss"]}
+    return evaluate_model(model, _rows(spec, tokenizer, data / "valid.jsonl"), make_collator(True, tokenizer), 8)["loss"]
+
+
+def _base(spec, args):
+    """The same frozen base for every variant, loaded as our core loads it (fp32, or NF4 prepared for k-bit)."""
+    from worker.training import load_tokenizer
+    from worker.training.model import load_base_model, pick_device
+
+    return load_base_model(spec, args.models_dir, pick_device()), load_tokenizer(spec.model, args.models_dir)
+
+
+def _timed_train(trainer) -> float:
+    start = time.monotonic()
+    trainer.train()
+    return time.monotonic() - start
+
+
+def run_core(args, spec, data: Path) -> dict:
+    from worker.training import train
+
+    result = train(spec, data / "train.jsonl", data / "valid.jsonl", args.workdir / "out", models_dir=args.models_dir)
+    return {"real_tokens": result.trained_tokens, "seconds": result.train_seconds, "steps": result.steps,
+            "final_eval_loss": result.final_eval["loss"]}
 
 
 def _trainer_args(spec, args, **extra):
@@ -81,114 +142,169 @@ def _trainer_args(spec, args, **extra):
     return TrainingArguments(output_dir=str(args.workdir / "hf"), per_device_train_batch_size=args.batch_size,
                              num_train_epochs=spec.n_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="linear",
                              seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to="none",
-                             disable_tqdm=True, use_cpu=True, **extra)
+                             disable_tqdm=True, use_cpu=True, remove_unused_columns=False, **extra)
 
 
-def run_common(args) -> dict:
-    """(b) the common recipe: Trainer + peft, every row padded to max_seq_length, the same labels as ours."""
+def run_trainer(args, spec, data: Path, padding: str) -> dict:
+    """(b1/b2) Trainer + peft on our labelled rows, padded to the batch's longest row or to B2_LENGTH."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from worker.catalogue import model_source
-    from worker.training import load_tokenizer, to_lora_config
-    from worker.training.data import make_collator, read_examples, tokenize_all
-    from worker.training.evaluate import evaluate_model
+    from worker.training import to_lora_config
 
-    spec = spec_for(args, "none")
-    tokenizer = load_tokenizer(spec.model, args.models_dir)
-    rows = tokenize_all(read_examples(args.workdir / "train.jsonl"), tokenizer, spec.max_seq_length, False).rows
-    model = AutoModelForCausalLM.from_pretrained(model_source(args.models_dir, spec.model), dtype=torch.float32)
+    model, tokenizer = _base(spec, args)
+    rows = _rows(spec, tokenizer, data / "train.jsonl")
     torch.manual_seed(0)
     model = get_peft_model(model, to_lora_config(spec, model.config.to_dict()))
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=spec.max_seq_length,
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=padding, max_length=B2_LENGTH if padding == "max_length" else None,
                                       label_pad_token_id=-100, return_tensors="pt")
-    trainer = Trainer(model=model, args=_trainer_args(spec, args, remove_unused_columns=False), train_dataset=rows,
-                      data_collator=collator)
-    start = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - start
-    real = sum(len(r["input_ids"]) for r in rows) * spec.n_epochs
-    valid = eval_rows(spec, tokenizer, args.workdir / "valid.jsonl")
-    return {"real_tokens": real, "tokens_per_second": real / seconds, "steps": trainer.state.global_step,
-            "final_eval_loss": evaluate_model(model, valid, make_collator(True, tokenizer), 8)["loss"]}
+    trainer = Trainer(model=model, args=_trainer_args(spec, args), train_dataset=rows, data_collator=collator)
+    seconds = _timed_train(trainer)
+    return {"real_tokens": sum(len(r["input_ids"]) for r in rows) * spec.n_epochs, "seconds": seconds,
+            "steps": trainer.state.global_step, "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data)}
 
 
-def run_trl(args) -> dict:
-    """(c) trl's SFTTrainer with its defaults, given the same hyperparameters and conversational data."""
+def run_trl(args, spec, data: Path, tuned: bool) -> dict:
+    """(c1) trl's SFTTrainer with its defaults; (c2) with its padding-free batching and assistant-only loss.
+
+    bf16 follows the machine (on only where the CPU computes bf16 natively): trl's bf16 default would run 40x
+    slower on a CPU without AVX512-BF16/AMX, which no careful user keeps.
+    """
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from worker.catalogue import model_source
-    from worker.training import load_tokenizer, to_lora_config
-    from worker.training.data import make_collator
-    from worker.training.evaluate import evaluate_model
+    from worker.training import to_lora_config
+    from worker.training.model import cpu_has_native_bf16
 
-    spec = spec_for(args, "none")
-    tokenizer = load_tokenizer(spec.model, args.models_dir)
-    dataset = load_dataset("json", data_files=str(args.workdir / "train.jsonl"), split="train")
-    model = AutoModelForCausalLM.from_pretrained(model_source(args.models_dir, spec.model), dtype=torch.float32)
+    model, tokenizer = _base(spec, args)
+    dataset = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
+    extra = {"padding_free": True, "assistant_only_loss": True, "gradient_checkpointing": False} if tuned else {}
     config = SFTConfig(output_dir=str(args.workdir / "trl"), per_device_train_batch_size=args.batch_size,
                        num_train_epochs=spec.n_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="linear",
                        seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                       max_length=spec.max_seq_length, use_cpu=True)
+                       max_length=spec.max_seq_length, use_cpu=True, bf16=cpu_has_native_bf16(), **extra)
     torch.manual_seed(0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=to_lora_config(spec, model.config.to_dict()))
     real = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * spec.n_epochs
-    start = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - start
-    valid = eval_rows(spec, tokenizer, args.workdir / "valid.jsonl")
-    return {"real_tokens": real, "tokens_per_second": real / seconds, "steps": trainer.state.global_step,
-            "final_eval_loss": evaluate_model(trainer.model, valid, make_collator(True, tokenizer), 8)["loss"]}
+    seconds = _timed_train(trainer)
+    return {"real_tokens": real, "seconds": seconds, "steps": trainer.state.global_step,
+            "final_eval_loss": _final_eval_loss(trainer.model, spec, tokenizer, data)}
 
 
 def child_main(args) -> None:
-    runners = {"core": lambda: run_core(args, "none"), "core-qlora": lambda: run_core(args, "nf4"),
-               "common": lambda: run_common(args), "trl": lambda: run_trl(args)}
-    report = runners[args.child]()
+    variant, mode, dataset = args.child.split(":")
+    spec = spec_for(args, "nf4" if mode == "qlora" else "none")
+    data = args.workdir / dataset
+    runners = {"core": lambda: run_core(args, spec, data), "b1": lambda: run_trainer(args, spec, data, "longest"),
+               "b2": lambda: run_trainer(args, spec, data, "max_length"), "c1": lambda: run_trl(args, spec, data, False),
+               "c2": lambda: run_trl(args, spec, data, True)}
+    report = runners[variant]()
+    report["tokens_per_second"] = report["real_tokens"] / report["seconds"]
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(report), flush=True)
 
 
-def run_child(variant: str, argv: list[str], workdir: Path) -> dict:
-    completed = subprocess.run([sys.executable, __file__, *argv, "--child", variant, "--workdir", str(workdir)],
+# ---- the parent: machine facts, interleaving, summary ----
+
+def machine_facts() -> dict:
+    import torch
+
+    cpu, flags = platform.processor(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        all_flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+        flags = sorted(f for f in all_flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def run_child(child: str, argv: list[str], workdir: Path) -> dict:
+    completed = subprocess.run([sys.executable, __file__, *argv, "--child", child, "--workdir", str(workdir)],
                                capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode or not lines:
-        sys.exit(f"{variant} failed:\n{completed.stderr[-3000:]}")
+        sys.exit(f"{child} failed:\n{completed.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    return {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
+def spread(values: list[float]) -> dict:
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values),
+            "spread_percent": 100 * (max(values) - min(values)) / median if median else 0.0}
 
 
-def print_report(args, summary: dict[str, dict]) -> None:
-    base = summary["common"]
-    print(f"\nSmolLM2-135M-Instruct, {args.examples} examples, batch {args.batch_size}, max length {args.max_seq_length}, "
-          f"LoRA r=8 q/v, {args.rounds} round(s), median\n")
-    print(f"{'variant':<34}{'real tok/s':>11}{'vs (b)':>8}{'peak RSS MB':>13}{'eval loss':>11}{'vs (b)':>9}")
-    names = {"core": "(a) lorajobs core (packed)", "common": "(b) Trainer+peft, pad to max",
-             "trl": "(c) trl SFTTrainer defaults", "core-qlora": "(a') lorajobs core, QLoRA nf4"}
-    for variant, row in summary.items():
-        print(f"{names[variant]:<34}{row['tokens_per_second']:>11.1f}{row['tokens_per_second'] / base['tokens_per_second']:>7.2f}x"
-              f"{row['peak_rss_mb']:>13.0f}{row['final_eval_loss']:>11.4f}"
-              f"{100 * (row['final_eval_loss'] / base['final_eval_loss'] - 1):>+8.2f}%")
-    core = summary["core"]
-    print(f"\ncore / common = {core['tokens_per_second'] / base['tokens_per_second']:.2f}x (goal >= 2.0), "
-          f"core / trl = {core['tokens_per_second'] / summary['trl']['tokens_per_second']:.2f}x (goal >= 1.3), "
-          f"eval loss vs common {100 * (core['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}% (goal within 1%)")
-    print(f"peak RSS: LoRA {core['peak_rss_mb']:.0f} MB, QLoRA {summary['core-qlora']['peak_rss_mb']:.0f} MB")
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per (dataset, mode, variant): tokens/s median/min/max, peak RSS and eval loss medians, ratios to baselines."""
+    summary: dict = {}
+    for key, rs in runs.items():
+        dataset, mode, variant = key.split(":")
+        summary.setdefault(dataset, {}).setdefault(mode, {})[variant] = {
+            "tokens_per_second": spread([r["tokens_per_second"] for r in rs]),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+            "final_eval_loss": statistics.median(r["final_eval_loss"] for r in rs),
+            "real_tokens": rs[0]["real_tokens"], "steps": rs[0]["steps"]}
+    for modes in summary.values():
+        for variants in modes.values():
+            core = variants.get("core")
+            if not core:
+                continue
+            core["ratios"] = {v: core["tokens_per_second"]["median"] / row["tokens_per_second"]["median"]
+                              for v, row in variants.items() if v != "core"}
+            best = max((v for v in BASELINES if v in variants), default=None,
+                       key=lambda v: variants[v]["tokens_per_second"]["median"])
+            if best:
+                core["best_baseline"] = best
+                core["vs_best_baseline"] = core["ratios"][best]
+            if "b1" in variants:
+                core["eval_loss_vs_b1_percent"] = 100 * (core["final_eval_loss"] / variants["b1"]["final_eval_loss"] - 1)
+    return summary
+
+
+def print_report(args, summary: dict, load: dict) -> None:
+    for dataset, modes in summary.items():
+        for mode, variants in modes.items():
+            print(f"\n{dataset} data, {mode.upper()}: SmolLM2-135M-Instruct, {args.examples} examples, batch "
+                  f"{args.batch_size}, LoRA r=8 q/v, {args.rounds} round(s), median [min–max]\n")
+            print(f"{'variant':<44}{'real tok/s':>24}{'core ×':>8}{'peak RSS MB':>13}{'eval loss':>11}")
+            ratios = variants.get("core", {}).get("ratios", {})
+            for variant, row in variants.items():
+                tps = row["tokens_per_second"]
+                cell = f"{tps['median']:.1f} [{tps['min']:.1f}–{tps['max']:.1f}]"
+                ratio = f"{ratios[variant]:.2f}x" if variant in ratios else "—"
+                print(f"({variant}) {VARIANTS[variant]:<39}{cell:>24}{ratio:>8}{row['peak_rss_mb']:>13.0f}"
+                      f"{row['final_eval_loss']:>11.4f}")
+            core = variants.get("core")
+            if core and "vs_best_baseline" in core:
+                print(f"core vs best baseline ({core['best_baseline']}): {core['vs_best_baseline']:.2f}x (goal >= 1.3); "
+                      f"core spread {core['tokens_per_second']['spread_percent']:.0f}% (goal < 10%)"
+                      + (f"; eval loss vs b1 {core['eval_loss_vs_b1_percent']:+.2f}% (goal within 1%)"
+                         if "eval_loss_vs_b1_percent" in core else ""))
+    print(f"\nload average: {load['before'][0]:.2f} before, {load['after'][0]:.2f} after ({load['cores']} cores); "
+          f"other processes used {load['other_processes_cores']:.2f} cores on average during the run")
+    if load["busy"]:
+        print("WARNING: the machine was busy during the run; these figures are not a measurement of it.")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.steps:
-        args.examples = args.steps * args.batch_size
     from core.settings import get_settings
 
     args.models_dir = args.models_dir or get_settings().models_dir
@@ -198,18 +314,39 @@ def main(argv=None) -> None:
     from worker.catalogue import install_smollm2
 
     install_smollm2(args.models_dir)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    passthrough += ["--models-dir", str(args.models_dir)]
+    cores = os.cpu_count() or 1
+    load_before, machine_busy, own = os.getloadavg(), busy_cpu_seconds(), own_cpu_seconds()
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--models-dir", str(args.models_dir)]
+    children = [f"{d}:{m}:{v}" for d in args.datasets.split(",") for m in args.modes.split(",")
+                for v in args.variants.split(",") if v != "b2" or (m, d) == ("lora", "demo")]  # b2: a reference
+    runs: dict[str, list[dict]] = {c: [] for c in children}
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        head_jsonl(args.train, args.examples, workdir / "train.jsonl")
-        head_jsonl(args.valid, args.valid_examples, workdir / "valid.jsonl")
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS + ("core-qlora",)}
+        for dataset in args.datasets.split(","):
+            prepare_data(dataset, args, workdir)
         for round_no in range(args.rounds):
-            for variant in runs:
-                runs[variant].append(run_child(variant, passthrough, workdir))
-                print(f"round {round_no + 1} {variant}: {runs[variant][-1]}", flush=True)
-    print_report(args, summarize(runs))
+            shift = round_no % len(children)  # rotate the order: no variant always runs first or last
+            for key in children[shift:] + children[:shift]:
+                dataset, mode, variant = key.split(":")
+                runs[key].append(run_child(f"{variant}:{mode}:{dataset}", passthrough, workdir))
+                r = runs[key][-1]
+                print(f"round {round_no + 1} {key}: {r['tokens_per_second']:.1f} tok/s, eval loss "
+                      f"{r['final_eval_loss']:.4f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    wall = time.monotonic() - started
+    # Everything the machine computed that was not this benchmark: other processes competing for the cores.
+    others = (busy_cpu_seconds() - machine_busy) - (own_cpu_seconds() - own)
+    load = {"before": load_before, "after": os.getloadavg(), "cores": cores,
+            "other_processes_cores": max(0.0, others / wall), "busy": others / wall > BUSY_OTHER_CORES}
+    summary = summarize(runs)
+    print_report(args, summary, load)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "settings": {k: v for k, v in vars(args).items() if k not in ("child", "workdir", "json", "models_dir")},
+            "machine": machine_facts(), "load": load, "wall_seconds": wall,
+            "summary": summary, "runs": runs}, indent=2) + "\n")
+        print(f"results: {args.json}")
 
 
 if __name__ == "__main__":

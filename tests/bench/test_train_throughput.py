@@ -1,0 +1,33 @@
+"""The training benchmark's bookkeeping: the long-tailed data it generates, and how runs become medians and ratios."""
+
+import json
+
+from bench.longtail_dataset import write
+from bench.train_throughput import summarize
+
+
+def test_the_long_tailed_dataset_is_reproducible_and_long_tailed(tmp_path):
+    first = write(tmp_path / "a", 200, 8)
+    second = write(tmp_path / "b", 200, 8)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    words = sorted(len(json.loads(line)["messages"][0]["content"].split()) for line in first[0].read_text().splitlines())
+    median, p95, longest = words[100], words[190], words[-1]
+    assert median < 100 and longest > 4 * median and p95 > 2 * median  # most rows short, a few very long
+    answers = {json.loads(line)["messages"][1]["content"] for line in first[0].read_text().splitlines()}
+    assert len(answers) > 50  # the trained answers vary: the task is not one string
+
+
+def _run(tps: float, loss: float = 2.0) -> dict:
+    return {"tokens_per_second": tps, "peak_rss_mb": 1000.0, "final_eval_loss": loss, "real_tokens": 100, "steps": 4}
+
+
+def test_the_core_is_compared_with_the_fastest_baseline_by_medians():
+    runs = {"demo:lora:core": [_run(300), _run(330), _run(310)],
+            "demo:lora:b1": [_run(100, 2.02), _run(90, 2.02), _run(110, 2.02)],
+            "demo:lora:c2": [_run(200), _run(250), _run(240)],
+            "demo:lora:b2": [_run(1000), _run(1000), _run(1000)]}  # a reference: never "the best baseline"
+    core = summarize(runs)["demo"]["lora"]["core"]
+    assert core["tokens_per_second"] == {"median": 310, "min": 300, "max": 330, "spread_percent": 100 * 30 / 310}
+    assert core["best_baseline"] == "c2" and core["vs_best_baseline"] == 310 / 240
+    assert core["ratios"]["b1"] == 310 / 100 and core["ratios"]["b2"] == 0.31
+    assert round(core["eval_loss_vs_b1_percent"], 6) == round(100 * (2.0 / 2.02 - 1), 6)
