@@ -92,9 +92,15 @@ def active(session: Session) -> list[Job]:
     return list(session.scalars(stmt))
 
 
+def _due(deadline):
+    """A deadline passed by the database's clock; a row with none is due at once rather than never."""
+    return deadline.is_(None) | (deadline < db_epoch())
+
+
 def expired_leases(session: Session, limit: int) -> list[Job]:
-    """Running jobs whose lease ended by the database's clock, locked; rows another sweep holds are skipped."""
-    stmt = (select(Job).where(Job.status == "running", Job.lease_expires_at < db_epoch()).order_by(Job.seq)
+    """Running jobs whose lease ended by the database's clock (or that have none), locked; rows another sweep holds
+    are skipped."""
+    stmt = (select(Job).where(Job.status == "running", _due(Job.lease_expires_at)).order_by(Job.seq)
             .limit(limit).with_for_update(skip_locked=True))
     return list(session.scalars(stmt))
 
@@ -102,8 +108,7 @@ def expired_leases(session: Session, limit: int) -> list[Job]:
 def stale_queued(session: Session, limit: int) -> list[Job]:
     """Queued jobs whose dispatch deadline passed (their message may have been lost), or whose cancel was asked
     (no claim ever takes them), locked; rows another sweep holds are skipped."""
-    stmt = (select(Job).where(Job.status == "queued",
-                              (Job.lease_expires_at < db_epoch()) | Job.cancel_requested.is_(True))
+    stmt = (select(Job).where(Job.status == "queued", _due(Job.lease_expires_at) | Job.cancel_requested.is_(True))
             .order_by(Job.seq).limit(limit).with_for_update(skip_locked=True))
     return list(session.scalars(stmt))
 

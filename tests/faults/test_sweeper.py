@@ -120,6 +120,14 @@ def test_a_cancel_racing_a_sweep_requeue_and_a_claim_ends_cancelled(quiet):
     assert job_row(quiet, job_id).resends == 0
 
 
+def test_a_job_with_no_deadline_is_due_at_once_rather_than_never(quiet):
+    queued = make_job(quiet, status="queued", lease_expires_at=None)
+    running = make_job(quiet, status="running", attempts=1, lease_owner="gone", lease_expires_at=None)
+    sweep(quiet)
+    assert job_row(quiet, queued).resends == 1 and job_row(quiet, queued).lease_expires_at > time.time()
+    assert_requeued_once(quiet, [running])
+
+
 def test_a_job_whose_worker_died_after_a_cancel_ends_cancelled(quiet):
     job_id = expired_jobs(quiet, 1)[0]
     with transaction(quiet.database_url) as session:
