@@ -1,11 +1,24 @@
 """Deploys and pauses lose no work: SIGTERM to a training worker and `jobs.pause` both stop at the next step with a
 checkpoint and release the job without spending an attempt; a new worker (or `jobs.resume`) carries on from it."""
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
-from tests.e2e.jobs_helpers import wait_status
+import httpx
+import openai
+import psutil
+
+from cli.service import STOP_GRACE_SECONDS
+from db.repositories import jobs as repo
+from db.session import transaction
+from tests.conftest import TINY_MODEL_ID, make_project_key
+from tests.e2e.jobs_helpers import create_job, processed_file, support_dataset, wait_status
 from tests.faults.workers import FaultStack, messages
+from tests.stack import ROOT, free_port, settings_env
+from worker.catalogue import SMOLLM2_ID
 
 # docs/operations.md: a worker given SIGTERM exits within one training step, a checkpoint upload and its own start-up
 # costs; on these shared 2-core machines that is seconds.
@@ -69,8 +82,6 @@ def test_pause_stops_at_a_checkpoint_and_resume_carries_on_through_the_sdk(setti
 
 
 def test_pause_and_resume_refuse_what_they_cannot_do(settings):
-    import openai
-
     with FaultStack(settings) as stack:
         training_file = stack.training_file(12)
         job = stack.job(training_file)  # no GPU worker: it stays queued
@@ -91,3 +102,56 @@ def test_pause_and_resume_refuse_what_they_cannot_do(settings):
             assert exc.body["code"] == "job_not_pausable"
         else:
             raise AssertionError("a cancelled job was paused")
+
+
+def test_ctrl_c_of_lorajobs_up_mid_training_releases_the_job_and_leaves_no_process(settings, smollm2_models_dir,
+                                                                                   tmp_path):
+    catalogue = tmp_path / "models"  # the SmolLM2 `up` insists on, and the tiny model the job trains
+    for model_id, source in ((SMOLLM2_ID, smollm2_models_dir / SMOLLM2_ID), (TINY_MODEL_ID, settings.models_dir / TINY_MODEL_ID)):
+        (catalogue / model_id).parent.mkdir(parents=True, exist_ok=True)
+        (catalogue / model_id).symlink_to(source)
+    port = free_port()
+    mine = FaultStack(settings).settings.model_copy(update={"models_dir": catalogue})
+    env = {**os.environ, **settings_env(mine), "LORAJOBS_PORT": str(port), "LORAJOBS_HOST": "127.0.0.1"}
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=make_project_key(mine).key,
+                               max_retries=2, timeout=30)
+        job = create_job(client, processed_file(client, support_dataset(48)),
+                         hyperparameters={"n_epochs": 6, "batch_size": 2}, save_steps=100, eval_steps=100)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            row = client.fine_tuning.jobs.retrieve(job.id)
+            if row.status == "running" and (row.model_extra.get("progress") or {}).get("step", 0) >= 2:
+                break
+            time.sleep(0.1)
+        started = psutil.Process(up.pid).children(recursive=True)
+        assert len(started) >= 6  # api, two workers with a pool process each, the sweeper
+
+        began = time.monotonic()
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the foreground group: `up` alone
+        up.wait(timeout=STOP_GRACE_SECONDS + 30)
+        took = time.monotonic() - began
+        time.sleep(0.5)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [(p.pid, p.cmdline()) for p in left]
+        print(f"lorajobs up stopped {len(started)} processes in {took:.1f} s")
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+    with transaction(mine.database_url) as session:
+        row = repo.get_any(session, job.id)
+        assert (row.status, row.attempts) == ("queued", 0)
+        assert any(m.message.startswith("The worker is shutting down") for m in repo.events_page(
+            session, job.id, after=None, limit=100).items)
