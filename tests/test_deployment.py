@@ -1,6 +1,7 @@
 """The deployment files, checked without a Docker engine (none on the build machines): the compose file as compose
 would interpolate it from the documented `.env`, the image's layers, the ignore file and the lock."""
 
+import json
 import os
 import re
 import tomllib
@@ -62,6 +63,20 @@ def container_environment(service: str, env_file: dict[str, str]) -> dict[str, s
     spec = interpolate(SERVICES[service], env_file)
     assert {"path": ".env", "required": False} in spec["env_file"], service
     return {**env_file, **spec["environment"]}
+
+
+def test_the_compose_file_is_valid_by_the_compose_specification():
+    """The schema `docker compose` itself validates with (compose-spec/compose-go `schema/compose-spec.json`,
+    Apache-2.0, commit e70e961), before and after interpolation: what `docker compose config` checks first."""
+    import jsonschema_rs
+
+    validator = jsonschema_rs.validator_for(json.loads((ROOT / "tests/ops/compose-spec.json").read_text()))
+    for document in (COMPOSE, interpolate(COMPOSE, FILLED_ENV)):
+        errors = [str(error).splitlines()[0] for error in validator.iter_errors(document)]
+        assert errors == []
+    broken = interpolate(COMPOSE, FILLED_ENV)
+    broken["services"]["worker-gpu-0"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = "0"
+    assert not validator.is_valid(broken)  # the schema does catch a mistake
 
 
 def test_compose_has_every_part():
