@@ -35,6 +35,7 @@ class HooksCallback(TrainerCallback):
         self._start_step = state.global_step
         self._start_tokens = state.num_input_tokens_seen
         self._last_save = self._start_time
+        self._saved_step = None
 
     def on_step_end(self, args, state, control, **kwargs):
         _inject_test_faults(state.global_step, args.per_device_train_batch_size)
@@ -62,6 +63,9 @@ class HooksCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
+        if state.global_step == self._saved_step:  # a step that is also an epoch's end is saved twice by the Trainer
+            return
+        self._saved_step = state.global_step
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         name_base_model(path, self.base_model_id)
         self.hooks.event("info", f"Checkpoint saved at step {state.global_step}.")
