@@ -20,7 +20,9 @@ log = logging.getLogger("lorajobs.worker.merge")
 def _set_merged(database_url: str, job_id: str, entry: dict) -> None:
     with transaction(database_url) as session:
         job = repo.get_any(session, job_id, for_update=True)
-        job.artifacts = {**(job.artifacts or {}), "merged": entry}
+        # The sweep's count of resent merge messages stays with the result (docs/operations.md).
+        resends = ((job.artifacts or {}).get("merged") or {}).get("resends")
+        job.artifacts = {**(job.artifacts or {}), "merged": {**entry, **({"resends": resends} if resends else {})}}
 
 
 def merge_job(job_id: str) -> None:

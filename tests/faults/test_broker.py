@@ -6,13 +6,14 @@ Each test runs its own Redis (no persistence), API, workers and sweeper, so brea
 import io
 import time
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import TEST_OUTPUT, make_project_key
 from tests.e2e.jobs_helpers import create_job, processed_file, support_dataset, wait_status
 from tests.faults.brokers import RedisServer, Sweeper
-from tests.faults.rows import file_row
+from tests.faults.rows import file_row, job_row
 from tests.stack import ApiServer, WorkerProcess
 
 LOGS = TEST_OUTPUT / "logs"
@@ -143,3 +144,28 @@ def test_kill_9_of_the_cpu_worker_mid_validation_the_file_is_validated_by_the_ne
         first.log.close()
         if server:
             server.kill()
+
+
+def test_a_merge_asked_while_the_broker_is_down_is_produced_once_it_returns(parts, broker):
+    settings, start = parts
+    broker.start()
+    api = start(ApiServer(settings))
+    client = client_for(api, settings)
+    start(WorkerProcess(settings, "cpu", LOGS / "faults-merge-cpu.log"))
+    start(WorkerProcess(settings, "gpu", LOGS / "faults-merge-gpu.log"))
+    start(Sweeper(settings, LOGS / "faults-merge-sweeper.log", LORAJOBS_MERGE_RESEND_SECONDS="3"))
+    done = wait_status(client, create_job(client, processed_file(client, support_dataset(24))).id, timeout=300)
+    assert done.status == "succeeded", done.error
+
+    broker.kill()
+    merged = f"fine_tuning/jobs/{done.id}/merged"
+    first = client.get(merged, cast_to=httpx.Response, options={"params": {"redirect": "false"}})
+    assert first.status_code == 202
+    broker.start()
+    deadline = time.monotonic() + 240
+    while (answer := client.get(merged, cast_to=httpx.Response,
+                                options={"params": {"redirect": "false"}})).status_code == 202:
+        assert time.monotonic() < deadline, "the merged model was never produced"
+        time.sleep(0.5)
+    assert answer.status_code == 200 and answer.headers["x-content-sha256"]
+    assert job_row(settings, done.id).artifacts["merged"]["resends"] >= 1
