@@ -148,8 +148,8 @@ class JobObject(BaseModel):
         None, description="Which checkpoint the adapter is, when chosen on validation data")
     cancel_requested: bool = False
     attempts: int = 0
-    resends: int = Field(0, description="Times the sweeper sent the job again because no worker took it (a message "
-                         "the broker lost); never spends attempts")
+    resends: int = Field(0, description="Times the sweeper sent the job's message again because no worker had taken "
+                         "it by its deadline (lost by the broker, or waiting behind other jobs); never spends attempts")
     plan: dict[str, Any] | None = Field(
         None, description="The pre-flight plan (`fine_tuning.job.plan`): parameters, memory per class, duration")
     placement: dict[str, Any] | None = Field(

@@ -121,7 +121,7 @@ class Job(Base):
     # Downloadable archives by format: {"tar.gz": {"key", "sha256", "bytes"}, "zip": {...}}.
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Messages the sweep sent again because no worker claimed the job (broker lost them): never spends attempts.
+    # Messages the sweep sent again because no worker claimed the job by its deadline: never spends attempts.
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # `POST .../pause` on a running job: its worker stops at the next step with a checkpoint and the job is `paused`.
