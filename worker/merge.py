@@ -17,12 +17,16 @@ from worker.jobs import job_prefix
 log = logging.getLogger("lorajobs.worker.merge")
 
 
-def _set_merged(database_url: str, job_id: str, entry: dict) -> None:
+def _set_merged(database_url: str, job_id: str, entry: dict) -> bool:
+    """Record the merge's outcome; False when the fine-tuned model was deleted meanwhile (nothing is recorded)."""
     with transaction(database_url) as session:
         job = repo.get_any(session, job_id, for_update=True)
+        if job.model_deleted_at is not None:
+            return False
         # The sweep's count of resent merge messages stays with the result (docs/operations.md).
         resends = ((job.artifacts or {}).get("merged") or {}).get("resends")
         job.artifacts = {**(job.artifacts or {}), "merged": {**entry, **({"resends": resends} if resends else {})}}
+    return True
 
 
 def merge_job(job_id: str) -> None:
@@ -49,8 +53,10 @@ def merge_job(job_id: str) -> None:
             merge_adapter(adapter, work / "merged", settings.models_dir, dequantized=dequantized)
             archive = make_archive(work / "merged", work / f"merged.{MERGED_FORMAT}", MERGED_FORMAT)
             stored = storage.put_file(f"{job_prefix(project_id, job_id)}/merged.{MERGED_FORMAT}", archive)
-        _set_merged(settings.database_url, job_id, {"status": "ready", "key": stored.key, "sha256": stored.sha256,
-                                                    "bytes": stored.size, "finished_at": time.time()})
+        if not _set_merged(settings.database_url, job_id, {"status": "ready", "key": stored.key,
+                                                           "sha256": stored.sha256, "bytes": stored.size,
+                                                           "finished_at": time.time()}):
+            storage.delete(stored.key)  # `DELETE /v1/models/{model}` ran during the merge: keep nothing of it
     except Exception as exc:  # recorded on the job; asking again retries
         log.exception("merge failed", extra={"job_id": job_id})
         _set_merged(settings.database_url, job_id, {"status": "failed", "message": f"{type(exc).__name__}: {exc}"[:500]})

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.api.test_files import chat_lines
+from tests.api.test_quotas import serve
 from tests.conftest import TINY_MODEL_ID
 from tests.e2e.jobs_helpers import create_job, processed_file, support_dataset, wait_status
 
@@ -40,6 +41,25 @@ def test_trained_tokens_is_null_until_the_job_has_finished(trained, openai_clien
         openai_client.fine_tuning.jobs.cancel(job.id)
     cancelled = wait_status(openai_client, job.id, timeout=60)
     assert cancelled.status == "cancelled"
+
+
+def test_merged_models_quota_refuses_another_merge_until_a_model_is_deleted(trained, settings):
+    client = trained.client
+    second = wait_status(client, create_job(client, trained.file_id, hyperparameters={"n_epochs": 1,
+                                                                                      "batch_size": 4}).id)
+    assert second.status == "succeeded", second.error
+    api = serve(settings, max_merged_models_per_project=1)
+    try:
+        with httpx.Client(base_url=api.url + "/v1", headers={"Authorization": f"Bearer {trained.key}"}) as http:
+            assert http.get(f"fine_tuning/jobs/{second.id}/merged").status_code == 202
+            refused = http.get(f"fine_tuning/jobs/{trained.job.id}/merged")
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert "LORAJOBS_MAX_MERGED_MODELS_PER_PROJECT" in refused.json()["error"]["message"]
+            assert refused.headers["x-should-retry"] == "false" and refused.headers["retry-after"]
+            client.models.delete(second.fine_tuned_model)  # frees its merged model
+            assert http.get(f"fine_tuning/jobs/{trained.job.id}/merged").status_code == 202
+    finally:
+        api.stop()
 
 
 def test_a_file_an_unfinished_job_uses_cannot_be_deleted(openai_client):
@@ -83,7 +103,8 @@ def test_deleting_a_fine_tuned_model_removes_adapter_merged_model_and_checkpoint
     prefix = f"projects/{job.organization_id}/jobs/{job.id}/"
     assert objects_under(settings, prefix)
     with httpx.Client(base_url=str(client.base_url), headers={"Authorization": f"Bearer {trained.key}"}) as http:
-        assert http.get(f"fine_tuning/jobs/{job.id}/merged").status_code == 202  # a merge is being made: deleted too
+        # Being made, or made (the merge quota test asked for it): deleted either way.
+        assert http.get(f"fine_tuning/jobs/{job.id}/merged").status_code in (202, 307)
 
         deleted = client.models.delete(model)
         assert deleted.deleted and deleted.id == model and deleted.object == "model"
@@ -96,7 +117,11 @@ def test_deleting_a_fine_tuned_model_removes_adapter_merged_model_and_checkpoint
                      f"fine_tuning/jobs/{job.id}/adapter?redirect=false&checkpoint={checkpoints[0].id}",
                      f"fine_tuning/jobs/{job.id}/merged"):
             assert http.get(path).status_code == 404, path
-    assert [key for key in objects_under(settings, prefix) if "merged" not in key] == []
+    # A merge still being made when the model was deleted deletes its own tar when it finishes.
+    deadline = time.time() + 60
+    while objects_under(settings, prefix) and time.time() < deadline:
+        time.sleep(0.5)
+    assert objects_under(settings, prefix) == []
     # The job's history stays: status, the model's name, its events.
     again = client.fine_tuning.jobs.retrieve(job.id)
     assert again.status == "succeeded" and again.fine_tuned_model == model
