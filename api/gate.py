@@ -27,7 +27,8 @@ from api.dashboard import session as cookies
 from api.dashboard.auth import signed_in_caller
 from api.deps import bearer_key, database_slot_of
 from api.errors import BUSY_MESSAGE, error_response
-from api.services.projects import Caller, authenticate
+from api.services import key_cache
+from api.services.projects import Caller, authenticate, hash_key
 from core.errors import DatabaseBusy, LorajobsError, PayloadTooLarge, PermissionDenied
 from core.settings import Settings
 from db.session import transaction
@@ -101,7 +102,7 @@ class Gate:
         method, path = scope["method"], scope["path"]
         request = Request(scope)
         if is_api(path):
-            caller = await self._in_database(scope, authenticate, bearer_key(request), self.settings)
+            caller = await self._api_caller(scope, bearer_key(request))
             if caller.read_only and method not in READ_METHODS:
                 raise PermissionDenied("This API key is read-only: it can list and retrieve, not create, change "
                                        "or delete.")
@@ -117,6 +118,14 @@ class Gate:
             return PlainTextResponse("This dashboard is signed in with a read-only API key: it can view, not change.",
                                      status_code=403, headers=CLOSE)
         return None
+
+    async def _api_caller(self, scope, key: str | None) -> Caller:
+        """The key's caller; a key authenticated lately is taken from the cache (api/services/key_cache.py)."""
+        cache = key_cache.for_settings(self.settings)
+        if cache is None or not key:
+            return await self._in_database(scope, authenticate, key, self.settings)
+        return await cache.caller(hash_key(key, self.settings),
+                                  lambda: self._in_database(scope, authenticate, key, self.settings))
 
     async def _in_database(self, scope, function, *args) -> Caller | None:
         """`function(session, *args)` in a short transaction of its own, on one of the process's database slots."""

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from api.services import key_cache
 from core.errors import AuthenticationError, InvalidRequest, NotFound
 from core.ids import new_id
 from core.settings import PUBLIC_API_KEYS, Settings, get_settings
 from db.models import ApiKey, DashboardSession, Project
 from db.repositories import projects as repo
+from db.session import after_commit
 
 KEY_PREFIX = "lj-"
 VISIBLE_PREFIX_LENGTH = 11  # "lj-" and 8 characters: enough to tell keys apart in a list
@@ -115,7 +117,14 @@ def ensure_bootstrap_key(session: Session, key: str, settings: Settings | None =
     for previous in repo.active_keys_named(session, project.id, BOOTSTRAP_KEY_NAME):
         if previous.id != row.id:
             previous.revoked_at = now
+            _forget_cached_keys(session, settings)
     return None
+
+
+def _forget_cached_keys(session: Session, settings: Settings | None) -> None:
+    """Once the revocation is committed, no API process goes on accepting the key from its cache."""
+    settings = settings or get_settings()
+    after_commit(session, lambda: key_cache.invalidate(settings))
 
 
 def authenticate(session: Session, key: str | None, settings: Settings | None = None) -> Caller:
@@ -177,10 +186,12 @@ def list_keys(session: Session, project_name: str | None = None) -> list[tuple[A
     return repo.list_keys(session, project_id)
 
 
-def revoke_key(session: Session, key_id_or_prefix: str) -> ApiKey:
-    """Revoke a key; its dashboard sessions end with it (they are looked up through an active key)."""
+def revoke_key(session: Session, key_id_or_prefix: str, settings: Settings | None = None) -> ApiKey:
+    """Revoke a key; its dashboard sessions end with it (they are looked up through an active key), and so does
+    every API process's cached copy (api/services/key_cache.py) once the revocation is committed."""
     matches = [key for key, _ in repo.list_keys(session) if key_id_or_prefix in (key.id, key.prefix)]
     if len(matches) != 1:
         raise NotFound(f"No single API key with id or prefix '{key_id_or_prefix}'.", param="key")
     matches[0].revoked_at = matches[0].revoked_at or time.time()
+    _forget_cached_keys(session, settings)
     return matches[0]

@@ -12,6 +12,7 @@ import pytest
 
 from api.services.projects import (LAST_USED_RESOLUTION_SECONDS, create_key, ensure_bootstrap_key, hash_key,
                                    revoke_key)
+from api.services import key_cache
 from core.ids import new_id
 from core.settings import Settings
 from db.models import ApiKey, Project
@@ -67,6 +68,7 @@ def test_last_used_is_kept_without_a_write_per_request(settings, api_url):
     with transaction(settings.database_url) as session:
         session.query(ApiKey).filter(ApiKey.id == key_id).update(
             {"last_used_at": first - LAST_USED_RESOLUTION_SECONDS - 1})
+    key_cache.invalidate(settings)  # as if the API's cached entry had expired (key_cache.CACHE_SECONDS)
     assert httpx.get(api_url + "/v1/files", headers=headers).status_code == 200
     assert key_row(settings, key_id).last_used_at >= before - 1
 
