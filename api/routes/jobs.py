@@ -3,9 +3,10 @@
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
+from api.responses import built
 from api.schemas import ListResponse
 from api.schemas_jobs import AnswerObject, CheckpointObject, EventObject, JobCreate, JobObject
 from api.services import artifacts
@@ -29,17 +30,17 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, proj
 
 @router.get("", response_model=ListResponse[JobObject])
 def list_jobs(request: Request, session: SessionDep, project: CurrentProject, after: str | None = None,
-              limit: Limit = 20, status: str | None = None) -> ListResponse[JobObject]:
+              limit: Limit = 20, status: str | None = None) -> Response:
     metadata = service.metadata_filter(list(request.query_params.multi_items()))
     page = service.page(session, project, after=after, limit=limit, status=status, metadata=metadata)
     positions = service.queue_positions(session, page.items)
-    return ListResponse.of([service.to_object(job, project, positions.get(job.id)) for job in page.items],
-                           page.has_more)
+    return built(ListResponse.of([service.to_object(job, project, positions.get(job.id)) for job in page.items],
+                                 page.has_more))
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def retrieve_job(job_id: str, session: SessionDep, project: CurrentProject) -> JobObject:
-    return service.object_with_position(session, service.get(session, project, job_id), project)
+def retrieve_job(job_id: str, session: SessionDep, project: CurrentProject) -> Response:
+    return built(service.object_with_position(session, service.get(session, project, job_id), project))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)

@@ -1,0 +1,113 @@
+"""CPU per request of the hot reads, from a profile of an in-process loop against the real app on PostgreSQL.
+
+    .venv/bin/python -m bench.api_profile [--pg URL] [--redis URL] [--jobs 10000] [--requests 2000] [--top 25]
+
+Seeds a fresh database with `--jobs` jobs of one project (as bench/api_load.py does), builds the real app
+(Redis as the broker, so the API-key cache is on) and calls it as an ASGI server would, one request at a time
+on one event loop, with no HTTP client or socket in between. It prints, for `GET /v1/fine_tuning/jobs/{id}` and
+`GET /v1/fine_tuning/jobs?limit=20`, the CPU seconds this process spent per request (`time.process_time`, every
+thread counted) and then a cProfile of the same loop with the thread-pool hops run inline, so that the handler's
+own work shows in the profile. The figures are for before/after comparisons on one machine; they are not
+throughput figures (PostgreSQL's and Redis's own CPU is not counted, and a loaded machine adds noise).
+"""
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import time
+
+import anyio.to_thread
+
+from bench._services import fresh_postgres_database
+from bench.api_load import seed_jobs
+
+HEADERS: list[tuple[bytes, bytes]] = [(b"host", b"localhost")]
+
+
+async def call(app, path: str) -> int:
+    """One GET through the ASGI app; its status."""
+    route, _, query = path.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": route, "raw_path": route.encode(), "query_string": query.encode(), "root_path": "",
+             "headers": HEADERS, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {}}
+    status = 0
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+async def inline(func, *args, **_):
+    """anyio.to_thread.run_sync without the thread: the profiler sees the work it would have run there."""
+    return func(*args)
+
+
+async def measure(app, path: str, requests: int, top: int) -> tuple[float, str]:
+    """Mean CPU microseconds per request of this process over `requests` GETs, and the profile's top lines."""
+    for _ in range(50):  # warm: pools, caches, lazily built validators
+        assert await call(app, path) == 200
+    started = time.process_time()
+    for _ in range(requests):
+        await call(app, path)
+    cpu = (time.process_time() - started) / requests * 1e6
+    real = anyio.to_thread.run_sync
+    anyio.to_thread.run_sync = inline
+    profile = cProfile.Profile(time.process_time)  # CPU, not time spent waiting on the database
+    try:
+        profile.enable()
+        for _ in range(requests // 4):
+            await call(app, path)
+        profile.disable()
+    finally:
+        anyio.to_thread.run_sync = real
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    return cpu, out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--quiet", action="store_true", help="Only the CPU figures, not the profiles.")
+    args = parser.parse_args()
+
+    from api.main import create_app
+    from core.settings import Settings
+
+    database_url, drop = fresh_postgres_database(args.pg)
+    try:
+        key, job_id = seed_jobs(database_url, args.jobs)
+        HEADERS.append((b"authorization", f"Bearer {key}".encode()))
+        settings = Settings(database_url=database_url, broker_url=args.redis, broker_prefix=f"profile-{job_id}:",
+                            log_level="WARNING", rate_limit_requests=0)
+        app = create_app(settings)
+
+        async def run() -> None:
+            async with app.router.lifespan_context(app):
+                for name, path in (("GET /v1/fine_tuning/jobs/{id}", f"/v1/fine_tuning/jobs/{job_id}"),
+                                   ("GET /v1/fine_tuning/jobs?limit=20", "/v1/fine_tuning/jobs?limit=20")):
+                    cpu, profile = await measure(app, path, args.requests, args.top)
+                    print(f"{name:<36} {cpu:8.0f} µs CPU per request (this process)")
+                    if not args.quiet:
+                        print(profile)
+
+        asyncio.run(run())
+    finally:
+        drop()
+
+
+if __name__ == "__main__":
+    main()
