@@ -143,7 +143,9 @@ class CheckpointSection(BaseModel):
     model_config = _STRICT
 
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: at the end only.")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; null: at each epoch end.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N optimizer steps; null: at each epoch end (a worker also "
+        "checkpoints every LORAJOBS_CHECKPOINT_INTERVAL_SECONDS of training).")
     save_total_limit: int | None = Field(
         3, ge=1, description="Keep only the newest N checkpoints, and always the best one; at most 20 (null: 20)."
     )
