@@ -4,10 +4,10 @@
 
 Seeds a fresh database with `--jobs` jobs of one project (as bench/api_load.py does), builds the real app
 (Redis as the broker, so the API-key cache is on) and calls it as an ASGI server would, one request at a time
-on one event loop, with no HTTP client or socket in between. It prints, for `GET /v1/fine_tuning/jobs/{id}` and
-`GET /v1/fine_tuning/jobs?limit=20`, the CPU seconds this process spent per request (`time.process_time`, every
-thread counted) and then a cProfile of the same loop with the thread-pool hops run inline, so that the handler's
-own work shows in the profile. The figures are for before/after comparisons on one machine; they are not
+on one event loop, with no HTTP client or socket in between. It prints, for `GET /v1/fine_tuning/jobs/{id}`,
+`GET /v1/fine_tuning/jobs?limit=20` and the read of a queued job behind `--queued` others, the CPU seconds this
+process spent per request (`time.process_time`, every thread counted) and then a cProfile of the same loop with
+the thread-pool hops run inline, so that the handler's own work shows in the profile. The figures are for before/after comparisons on one machine; they are not
 throughput figures (PostgreSQL's and Redis's own CPU is not counted, and a loaded machine adds noise).
 """
 
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import pstats
 import time
 
@@ -24,6 +25,21 @@ from bench._services import fresh_postgres_database
 from bench.api_load import seed_jobs
 
 HEADERS: list[tuple[bytes, bytes]] = [(b"host", b"localhost")]
+
+
+def queue_some(database_url: str, n: int) -> str:
+    """The `n` oldest seeded jobs turned queued, each planned (a queued job's read works out its place behind the
+    others); returns the last one's id."""
+    from sqlalchemy import text
+
+    from db.session import transaction
+
+    plan = json.dumps({"classes": [{"name": "cpu", "duration_seconds": 600.0}]})
+    with transaction(database_url) as session:
+        ids = session.execute(text("UPDATE fine_tuning_jobs SET status = 'queued', plan = CAST(:plan AS json) WHERE seq IN "
+                                   "(SELECT seq FROM fine_tuning_jobs ORDER BY seq LIMIT :n) RETURNING id"),
+                              {"plan": plan, "n": n}).scalars().all()
+    return sorted(ids)[-1]
 
 
 async def call(app, path: str) -> int:
@@ -79,6 +95,7 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--queued", type=int, default=500, help="Jobs turned queued, for a queued job's read.")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--quiet", action="store_true", help="Only the CPU figures, not the profiles.")
@@ -90,6 +107,7 @@ def main() -> None:
     database_url, drop = fresh_postgres_database(args.pg)
     try:
         key, job_id = seed_jobs(database_url, args.jobs)
+        queued_id = queue_some(database_url, args.queued)
         HEADERS.append((b"authorization", f"Bearer {key}".encode()))
         settings = Settings(database_url=database_url, broker_url=args.redis, broker_prefix=f"profile-{job_id}:",
                             log_level="WARNING", rate_limit_requests=0)
@@ -98,7 +116,8 @@ def main() -> None:
         async def run() -> None:
             async with app.router.lifespan_context(app):
                 for name, path in (("GET /v1/fine_tuning/jobs/{id}", f"/v1/fine_tuning/jobs/{job_id}"),
-                                   ("GET /v1/fine_tuning/jobs?limit=20", "/v1/fine_tuning/jobs?limit=20")):
+                                   ("GET /v1/fine_tuning/jobs?limit=20", "/v1/fine_tuning/jobs?limit=20"),
+                                   (f"GET a queued job ({args.queued} queued)", f"/v1/fine_tuning/jobs/{queued_id}")):
                     cpu, profile = await measure(app, path, args.requests, args.top)
                     print(f"{name:<36} {cpu:8.0f} µs CPU per request (this process)")
                     if not args.quiet:

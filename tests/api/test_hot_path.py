@@ -91,7 +91,8 @@ def test_without_redis_every_request_checks_the_key_and_a_revocation_holds_at_on
 
 
 def seed_jobs(settings, project_name: str) -> list[str]:
-    """Three jobs of the project: one succeeded, two queued (so queue positions and estimates show)."""
+    """Three jobs of the project: one succeeded, two queued on a queue of their own, each planned for 600 s."""
+    placement = {"queue": f"hot-{uuid.uuid4().hex[:8]}", "class": "cpu"}
     with transaction(settings.database_url) as session:
         project = session.query(Project).filter(Project.name == project_name).one()
         file_id = f"file-hot{uuid.uuid4().hex[:12]}"
@@ -108,7 +109,7 @@ def seed_jobs(settings, project_name: str) -> list[str]:
                             created_at=time.time() + i, user_metadata={"team": "ünïcode"},
                             hyperparameters={"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1e-05},
                             progress={"step": 100, "total_steps": 100, "percent": 100.0} if i == 0 else None,
-                            plan={"estimated_seconds": 12.5}))
+                            plan={"classes": [{"name": "cpu", "duration_seconds": 600.0}]}, placement=placement))
             ids.append(job_id)
     return ids
 
@@ -118,6 +119,7 @@ def seed_jobs(settings, project_name: str) -> list[str]:
 def test_job_reads_answer_the_json_their_response_model_serialises(settings, path, model):
     created = make_project_key(settings)
     ids = seed_jobs(settings, created.project)
+    before = time.time()
     with served(settings) as client:
         response = client.get(path.format(id=ids[1]), headers={"Authorization": f"Bearer {created.key}"})
         assert response.status_code == 200, response.text
@@ -129,9 +131,15 @@ def test_job_reads_answer_the_json_their_response_model_serialises(settings, pat
         job = body if model is JobObject else body["data"][1]
         assert (job["id"], job["status"], job["metadata"]) == (ids[1], "queued", {"team": "ünïcode"})
         assert job["hyperparameters"]["learning_rate_multiplier"] == 1e-05
+        # First in its queue: done when its own 600 s are.
+        assert job["queue_position"] == 1
+        assert before + 600 - 1 <= job["estimated_finish"] <= time.time() + 600 + 1
         if model is not JobObject:
             assert [j["id"] for j in body["data"]] == ids[::-1]
             assert (body["first_id"], body["last_id"], body["has_more"]) == (ids[2], ids[0], False)
+            second, done = body["data"][0], body["data"][2]
+            assert second["queue_position"] == 2 and second["estimated_finish"] - job["estimated_finish"] in (599, 600, 601)
+            assert (done["status"], done["queue_position"], done["estimated_finish"]) == ("succeeded", None, None)
         schema = client.get("/openapi.json").json()["paths"][path.split("?")[0].replace("{id}", "{job_id}")]
         ref = schema["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.rsplit("/", 1)[-1] == ("JobObject" if model is JobObject else "ListResponse_JobObject_")
