@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.conftest import make_project_key
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-EXAMPLES = 12
+EXAMPLES = 20
 
 
 def operations(url: str) -> list:
