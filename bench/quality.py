@@ -7,7 +7,7 @@ delivered adapter, reloaded on the full-precision base as a server would, answer
 beside the base (worker/training/answers.py), scored by core/quality.py. General questions are scored apart:
 they show whether answering outside the domain survives.
 
-    .venv/bin/python bench/quality.py --datasets facts --configs old,new --products 6 --json test-output/quality.json
+    .venv/bin/python bench/quality.py --datasets facts --configs old,new,lr,qv --products 4 --json test-output/quality.json
 
 The machine is slow and shared: one run per configuration, so read small differences as noise.
 """
@@ -33,6 +33,10 @@ CONFIGS = {
     "old": {"quantization": "none", "early_stopping_patience": None},
     "new": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3,
             "lora": {"r": 16, "target_modules": "all-linear"}},
+    # Ablation: only the batch and the learning rate of `new` (epochs and q/v targets as `old`).
+    "lr": {"quantization": "none", "batch_size": 8, "learning_rate": 1e-3},
+    # Ablation: `new` without all-linear targets (r 16 on q/v, as `old`).
+    "qv": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3},
 }
 MAX_NEW_TOKENS = 32
 
@@ -63,7 +67,7 @@ def run(name: str, config: str, train_file: Path, valid_file: Path, models_dir: 
         "baseline_loss": result.baseline_eval["loss"], "final_loss": result.final_eval["loss"],
         "train_seconds": result.train_seconds, "seconds": round(time.monotonic() - started, 1),
         "answer_seconds": answered["quality"]["seconds"], "quality": by_part,
-        "examples": answered["answers"][:3],
+        "answers": answered["answers"],
     }
 
 
@@ -73,11 +77,12 @@ def main() -> None:
     parser.add_argument("--configs", default="old,new")
     parser.add_argument("--json", type=Path, default=Path("test-output/quality.json"))
     parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each)")
+    parser.add_argument("--models-dir", type=Path, help="a catalogue already holding SmolLM2 (else converted afresh)")
     args = parser.parse_args()
     from worker.catalogue import install_smollm2
 
     work = Path(tempfile.mkdtemp(prefix="lorajobs-quality-"))
-    models_dir = work / "models"
+    models_dir = args.models_dir or work / "models"
     install_smollm2(models_dir)
     files = write(work / "data", products=args.products)
     runs = []
@@ -85,7 +90,7 @@ def main() -> None:
     for name in args.datasets.split(","):
         for config in args.configs.split(","):
             runs.append(run(name, config, *files[name], models_dir, work / f"{name}-{config}"))
-            line = {k: v for k, v in runs[-1].items() if k != "examples"}
+            line = {k: v for k, v in runs[-1].items() if k != "answers"}
             print(json.dumps(line), flush=True)
             args.json.write_text(json.dumps({"runs": runs, "load_average": os.getloadavg()}, indent=2))
 
