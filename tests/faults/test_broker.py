@@ -19,6 +19,11 @@ from tests.stack import ApiServer, WorkerProcess
 LOGS = TEST_OUTPUT / "logs"
 
 
+@pytest.fixture(autouse=True)
+def logs_folder():
+    LOGS.mkdir(parents=True, exist_ok=True)
+
+
 @pytest.fixture
 def broker(tmp_path):
     server = RedisServer(tmp_path)
