@@ -57,11 +57,14 @@ def client(args, timeout: float = 60.0) -> httpx.Client:
 
 
 def check(response: httpx.Response) -> dict:
-    """The JSON body of a successful response; otherwise exit with the API's error message."""
+    """The JSON body of a successful response; otherwise the API's error message, as an ApiError (cli/output.py)."""
+    from cli.output import ApiError
+
     if response.is_success:
         return response.json()
     try:
         error = response.json()["error"]
-        sys.exit(f"lorajobs: {response.status_code} {error.get('code') or error.get('type')}: {error['message']}")
+        message = f"{response.status_code} {error.get('code') or error.get('type')}: {error['message']}"
     except (ValueError, KeyError, TypeError):
-        sys.exit(f"lorajobs: HTTP {response.status_code}: {response.text[:500]}")
+        message = f"HTTP {response.status_code}: {response.text[:500]}"
+    raise ApiError(response.status_code, message)

@@ -1,4 +1,4 @@
-"""`lorajobs files upload | list | report`: datasets on a running lorajobs."""
+"""`lorajobs files upload | list | report | delete`: datasets on a running lorajobs."""
 
 import os
 import time
@@ -8,6 +8,7 @@ from tqdm import tqdm
 from tqdm.utils import CallbackIOWrapper
 
 from cli.client import add_connection_args, check, client
+from cli.output import add_json_flag, emit
 
 
 def register(sub) -> None:
@@ -26,6 +27,12 @@ def register(sub) -> None:
     report.add_argument("file_id")
     add_connection_args(report)
     report.set_defaults(handler=cmd_report)
+    delete = files.add_parser("delete", help="Delete a file (its jobs keep their history).")
+    delete.add_argument("file_id")
+    add_connection_args(delete)
+    delete.set_defaults(handler=cmd_delete)
+    for command in (upload, listing, report, delete):
+        add_json_flag(command)
 
 
 def cmd_upload(args) -> int:
@@ -35,30 +42,47 @@ def cmd_upload(args) -> int:
         wrapped = CallbackIOWrapper(bar.update, handle, "read")
         uploaded = check(http.post("files", data={"purpose": args.purpose},
                                    files={"file": (args.path.name, wrapped, "application/jsonl")}))
-    print(f"{uploaded['id']}  {uploaded['bytes']:,} bytes  sha256 {uploaded['sha256']}")
+    if not args.json:
+        print(f"{uploaded['id']}  {uploaded['bytes']:,} bytes  sha256 {uploaded['sha256']}")
     if args.no_wait:
+        emit(args, uploaded)
         return 0
     with client(args) as http:
         while uploaded["status"] == "uploaded":
             time.sleep(0.5)
             uploaded = check(http.get(f"files/{uploaded['id']}"))
-        print_report(check(http.get(f"files/{uploaded['id']}/report")))
+        report = check(http.get(f"files/{uploaded['id']}/report"))
+    emit(args, {**uploaded, "report": report.get("report")}, lambda: print_report(report))
     return 0 if uploaded["status"] == "processed" else 1
 
 
 def cmd_list(args) -> int:
     with client(args) as http:
-        for item in check(http.get("files"))["data"]:
+        items = check(http.get("files"))["data"]
+
+    def text() -> str:
+        lines = []
+        for item in items:
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["created_at"]))
-            print(f"{item['id']}  {item['status']:<9}  {item['bytes']:>12,}  {created}  {item['filename']}")
+            lines.append(f"{item['id']}  {item['status']:<9}  {item['bytes']:>12,}  {created}  {item['filename']}")
+        return "\n".join(lines) if lines else "No files yet."
+
+    emit(args, items, text)
     return 0
 
 
 def cmd_report(args) -> int:
     with client(args) as http:
         body = check(http.get(f"files/{args.file_id}/report"))
-    print_report(body)
+    emit(args, body, lambda: print_report(body))
     return 0 if body["status"] == "processed" else 1
+
+
+def cmd_delete(args) -> int:
+    with client(args) as http:
+        deleted = check(http.delete(f"files/{args.file_id}"))
+    emit(args, deleted, lambda: f"{deleted['id']}  deleted")
+    return 0
 
 
 def print_report(body: dict) -> None:
