@@ -122,13 +122,23 @@ def quality_message(quality: dict) -> str:
             f"(base → tuned, {quality['seconds']:.0f} s).")
 
 
-def answerer(spec, tokenizer, valid_examples: list[Example], train_seconds: float):
+def answerer(spec, tokenizer, valid_examples: list[Example], train_seconds: float, hooks: TrainingHooks):
     """`answer_side_by_side` bound to the job's fixed sample, or None when there is nothing to answer."""
     prompts = sample_prompts(valid_examples, spec.answer_samples, spec.seed)
     if not prompts:
         return None
-    return partial(answer_side_by_side, tokenizer=tokenizer, prompts=prompts,
+    return partial(_answer_or_warn, hooks=hooks, tokenizer=tokenizer, prompts=prompts,
                    max_new_tokens=spec.answer_max_new_tokens, budget_seconds=answer_budget_seconds(train_seconds))
+
+
+def _answer_or_warn(model, *, hooks: TrainingHooks, **kwargs) -> dict | None:
+    """The answers report on a trained adapter; failing to generate them (an architecture's `generate`, GPU memory)
+    is a warning, never a failed job nor an out-of-memory retry of its training."""
+    try:
+        return answer_side_by_side(model, **kwargs)
+    except Exception as exc:
+        hooks.event("warn", f"Answers to held-out prompts were skipped: {type(exc).__name__}: {exc}"[:500])
+        return None
 
 
 def report_answers(quality: dict, step: int, hooks: TrainingHooks) -> None:

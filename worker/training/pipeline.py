@@ -268,7 +268,7 @@ def train(
             hooks.on_metrics(dict(metrics))
     adapter_dir = save_adapter(model, tokenizer, out_dir, spec.model)
     write_training_log(out_dir / "training_log.csv", log_rows(state.log_history))
-    answer = None if final is None else answerer(spec, tokenizer, valid_examples, train_seconds)
+    answer = None if final is None else answerer(spec, tokenizer, valid_examples, train_seconds, hooks)
     answered = answer(model) if answer and spec.quantization == "none" else None
     served = None
     if final is not None and spec.quantization != "none":
