@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of every part.")
     log_json: bool = Field(True, description="One JSON object per log line.")
 
+    @field_validator("bootstrap_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return value or None  # compose passes an unset variable as ""
+
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> "Settings":
         data = self.data_dir
@@ -173,20 +178,6 @@ class Settings(BaseSettings):
                 raise ValueError("LORAJOBS_BOOTSTRAP_API_KEY is too short for production (20 characters at least)")
         return self
 
-    @property
-    @field_validator("bootstrap_api_key", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value):
-        return value or None  # compose passes an unset variable as ""
-
-    def broker_folder(self) -> Path:
-        """Folder of Celery's filesystem transport (embedded default)."""
-        return self.data_dir / "broker"
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
     def exposure_problems(self) -> list[str]:
         """Why this configuration must not be reachable from other machines: publicly known secrets or keys."""
         problems = []
@@ -201,3 +192,12 @@ def get_settings() -> Settings:
         """`Secure` on the dashboard cookie: the setting, on in production; None: decide by the request's scheme."""
         return True if self.cookie_secure is None and self.environment == "production" else self.cookie_secure
 
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of Celery's filesystem transport (embedded default)."""
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
