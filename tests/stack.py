@@ -45,8 +45,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class ApiServer:
-    def __init__(self, settings: Settings):
-        self.port = free_port()
+    def __init__(self, settings: Settings, port: int | None = None):
+        self.port = port or free_port()  # a restarted API takes its predecessor's port
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_config=None,
                                 access_log=False)

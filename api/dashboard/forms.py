@@ -9,6 +9,7 @@ from pydantic.fields import FieldInfo
 from api.schemas_jobs import JobCreate
 from core.errors import InvalidRequest
 from core.spec import JobSpec, LoraSpec
+from db.models import Job
 
 TARGET_PRESETS = ("attention-qv", "attention", "all-linear")
 QUANTIZATIONS = ("nf4", "fp4", "none")
@@ -100,6 +101,18 @@ def job_create(form: dict[str, str], *, dry_run: bool = False) -> JobCreate:
         error = exc.errors()[0]
         param = ".".join(str(part) for part in error["loc"])
         raise InvalidRequest(f"{param}: {error['msg']}", param=param) from None
+
+
+def values_of_job(job: Job) -> dict[str, str]:
+    """The form filled to create `job` again: its model, files, suffix and each knob as its spec asked it."""
+    spec = job.spec or {}
+    values = {"model": job.model, "training_file": job.training_file_id,
+              "validation_file": job.validation_file_id or "", "suffix": job.suffix or ""}
+    for knob in knob_fields():
+        section, _, inner = knob.name.partition(".")
+        value = (spec.get(section) or {}).get(inner) if inner else spec.get(section)
+        values[knob.name] = _shown(value)
+    return values
 
 
 def field_for_param(param: str | None, names: list[str]) -> str | None:

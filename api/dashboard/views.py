@@ -1,5 +1,7 @@
 """View models: what the dashboard's templates show of a job, a file or a report, shaped once for pages and polls."""
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -118,6 +120,25 @@ def job_row(job: Job, now: float | None = None) -> JobRow:
                   percent=percent, step=step, total_steps=total, eta=eta, duration=duration,
                   trained_tokens=count(job.trained_tokens), created=shown_time(job.created_at),
                   created_iso=iso_time(job.created_at), cancel_requested=bool(job.cancel_requested))
+
+
+def row_summary(row: JobRow) -> dict[str, Any]:
+    """The few numbers a poll reports of a job: enough for a screen reader's status line and for scripts."""
+    return {"id": row.id, "status": row.status, "status_label": row.status_label, "percent": row.percent,
+            "step": row.step, "total_steps": row.total_steps, "eta": row.eta, "duration": row.duration,
+            "cancel_requested": row.cancel_requested, "finished": row.finished}
+
+
+def version_of(value: Any) -> str:
+    """A short fingerprint of what a panel shows: a poll sends the panel again only when it changes."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def panel_version(job: Job, newest_checkpoint: str | None, unserved: str | None) -> str:
+    """What the job page's slower panels (evaluation, checkpoints, plan, settings) are drawn from."""
+    return version_of([job.status, job.cancel_requested, job.hyperparameters, job.parameters, job.baseline_eval_loss,
+                       job.final_eval_loss, job.result, job.placement, job.plan, job.error, newest_checkpoint,
+                       unserved])
 
 
 @dataclass

@@ -36,6 +36,9 @@ POLL_PREFIX = "/dashboard/api"
 JOBS_PER_PAGE = 20
 FILES_PER_PAGE = 100
 EVENTS_SHOWN = 200
+EVENTS_PER_POLL = 500  # a tab that was away catches up in a few polls
+POLL_BUSY_MS = 1500
+POLL_IDLE_MS = 10_000  # the jobs page with nothing in flight
 EVENT_PAGES_FOR_CHART = 10  # 10,000 events: the chart of a very long job shows its latest steps
 SECURITY_HEADERS = {
     # Everything comes from this app: the dashboard works on an isolated network and runs no injected script.
@@ -264,9 +267,15 @@ def jobs_page(request: Request, db: SessionDep, project: DashboardProject, statu
 
 @router.get(f"{POLL_PREFIX}/jobs")
 def jobs_poll(request: Request, db: SessionDep, project: DashboardProject, status: str | None = None,
-              after: str | None = None) -> dict:
+              after: str | None = None, v: str | None = None) -> dict:
+    """The rows only when they changed since version `v`; a page with nothing in flight is polled less often."""
     context = _jobs_context(db, project, _status_filter(status), after)
-    return {"fragments": {"job-rows": fragment(request, "_job_rows.html", **context)}, "done": False}
+    version = views.version_of([views.row_summary(row) for row in context["rows"]])
+    busy = any(not row.finished for row in context["rows"])
+    update: dict[str, Any] = {"version": version, "interval": POLL_BUSY_MS if busy else POLL_IDLE_MS, "done": False}
+    if version != v:
+        update["fragments"] = {"job-rows": fragment(request, "_job_rows.html", **context)}
+    return update
 
 
 def _events(db, project: Project, job_id: str) -> tuple[list, list]:
@@ -290,35 +299,48 @@ def _unserved(db, job: Job) -> str | None:
     return workers_repo.unserved_message(db, lifecycle.training_queue(job), placement.get("class"))
 
 
-def _job_context(db, settings: Settings, project: Project, job: Job) -> dict[str, Any]:
-    events, metrics = _events(db, project, job.id)
+def _panels_context(db, project: Project, job: Job, unserved: str | None) -> dict[str, Any]:
+    """What the job page's panels other than the status and the event log show."""
     checkpoints = jobs_service.checkpoints(db, project, job.id, after=None, limit=100).items
-    series = views.metrics_series(metrics)
     return {
-        "job": job, "row": views.job_row(job), "events": events, "series": series,
+        "job": job, "row": views.job_row(job), "fine_tuned_model": job.fine_tuned_model, "failure": views.failure(job),
         "checkpoints": [views.checkpoint_row(job.id, c) for c in checkpoints],
         "spec": views.spec_settings(job.spec), "hyperparameters": views.hyperparameter_settings(job.hyperparameters,
                                                                                                 job.spec),
-        "evals": views.eval_comparison(job), "failure": views.failure(job),
-        "fine_tuned_model": job.fine_tuned_model,
-        "chart": {**series.as_json(), "total_steps": (job.progress or {}).get("total_steps")},
-        "plan": views.plan_view(job.plan, job.placement, unserved=_unserved(db, job)),
+        "evals": views.eval_comparison(job),
+        "plan": views.plan_view(job.plan, job.placement, unserved=unserved),
+        "version": views.panel_version(job, checkpoints[0].id if checkpoints else None, unserved),
     }
 
 
-JOB_FRAGMENTS = {"job-status": "_job_status.html", "job-evals": "_job_evals.html", "job-events": "_job_events.html",
-                 "job-checkpoints": "_job_checkpoints.html", "job-settings": "_job_settings.html",
-                 "job-plan": "_job_plan.html"}
+def _job_context(db, settings: Settings, project: Project, job: Job) -> dict[str, Any]:
+    events, metrics = _events(db, project, job.id)
+    series = views.metrics_series(metrics)
+    return {**_panels_context(db, project, job, _unserved(db, job)), "events": events, "series": series,
+            "events_shown": EVENTS_SHOWN,
+            "since": events[0].id if events else "",
+            "chart": {**series.as_json(), "total_steps": (job.progress or {}).get("total_steps")}}
+
+
+# Re-rendered by a poll only when the job's panel version changes; the status panel is small and always sent.
+PANEL_FRAGMENTS = {"job-evals": "_job_evals.html", "job-checkpoints": "_job_checkpoints.html",
+                   "job-settings": "_job_settings.html", "job-plan": "_job_plan.html",
+                   "job-answers": "_job_answers.html"}
 
 
 @router.get("/jobs/new")
 def new_job_page(request: Request, db: SessionDep, settings: SettingsDep, project: DashboardProject,
-                 training_file: str | None = None) -> HTMLResponse:
+                 training_file: str | None = None, clone: str | None = None) -> HTMLResponse:
+    """The new-job form; `clone=JOB_ID` fills it with that job's model, files and settings."""
+    if clone:
+        values = forms.values_of_job(jobs_service.get(db, project, clone))
+        return _new_job_form(request, db, settings, project, values=values, cloned_from=clone)
     return _new_job_form(request, db, settings, project, values={"training_file": training_file or ""})
 
 
 def _new_job_form(request: Request, db, settings, project: Project, *, values: dict[str, str],
-                  error: InvalidRequest | None = None, plan: dict | None = None) -> HTMLResponse:
+                  error: InvalidRequest | None = None, plan: dict | None = None,
+                  cloned_from: str | None = None) -> HTMLResponse:
     knobs = forms.knob_fields()
     datasets = [f for f in files_service.page(db, project, purpose="fine-tune", after=None, limit=FILES_PER_PAGE,
                                               order="desc").items if f.status == "processed"]
@@ -328,7 +350,7 @@ def _new_job_form(request: Request, db, settings, project: Project, *, values: d
     error_field = forms.field_for_param(error.param, names) if error else None
     return render(request, "new_job.html", status_code=400 if error else 200, project=project, knobs=knobs,
                   datasets=datasets, base_models=base_models, values=values, error=error, error_field=error_field,
-                  error_message=forms.inline_message(error) if error else None,
+                  error_message=forms.inline_message(error) if error else None, cloned_from=cloned_from,
                   plan=views.plan_view(plan or (error.extra.get("plan") if error else None)))
 
 
@@ -354,17 +376,56 @@ def create_job(request: Request, db: SessionDep, settings: SettingsDep, project:
 def job_page(request: Request, job_id: str, db: SessionDep, settings: SettingsDep,
              project: DashboardProject) -> HTMLResponse:
     job = jobs_service.get(db, project, job_id)
+    context = _job_context(db, settings, project, job)
     return render(request, "job.html", project=project, poll_url=f"{POLL_PREFIX}/jobs/{quote(job.id)}",
-                  **_job_context(db, settings, project, job))
+                  poll_since=context["since"], poll_version=context["version"], **context)
+
+
+def _new_events(db, project: Project, job_id: str, since: str | None) -> tuple[list, bool, bool]:
+    """Events after the cursor, oldest first, and whether more wait; an unknown cursor (a resumed run dropped its
+    metrics) starts over from the newest events, `reset`."""
+    if since:
+        try:
+            page = jobs_service.events(db, project, job_id, after=since, limit=EVENTS_PER_POLL, order="asc")
+            return page.items, page.has_more, False
+        except InvalidRequest:
+            pass
+    page = jobs_service.events(db, project, job_id, after=None, limit=EVENTS_SHOWN)
+    return page.items[::-1], False, True
 
 
 @router.get(f"{POLL_PREFIX}/jobs/{{job_id}}")
-def job_poll(request: Request, job_id: str, db: SessionDep, settings: SettingsDep, project: DashboardProject) -> dict:
+def job_poll(request: Request, job_id: str, db: SessionDep, settings: SettingsDep, project: DashboardProject,
+             since: str | None = None, v: str | None = None) -> dict:
+    """What changed since the client's last event id `since` and panel version `v`: new events and chart points,
+    the status panel, a small summary, and the other panels only when their version moved."""
     job = jobs_service.get(db, project, job_id)
-    context = _job_context(db, settings, project, job)
-    return {"fragments": {key: fragment(request, template, **context) for key, template in JOB_FRAGMENTS.items()},
-            "chart": context["chart"], "status": job.status, "percent": context["row"].percent,
-            "done": views.is_finished(job.status)}
+    events, more, reset = _new_events(db, project, job.id, since)
+    row = views.job_row(job)
+    total_steps = (job.progress or {}).get("total_steps")
+    if reset:  # the chart is rebuilt from every metrics event, as on a page load
+        _, metrics = _events(db, project, job.id)
+    else:
+        metrics = [event for event in events if event.type == "metrics"]
+    shown = [views.event_row(event) for event in reversed(events)]
+    update: dict[str, Any] = {
+        "summary": views.row_summary(row),
+        "events": {"html": fragment(request, "_job_event_items.html", events=shown) if shown else "",
+                   "since": events[-1].id if events else since, "more": more, "reset": reset},
+        "chart": {**views.metrics_series(metrics).as_json(), "total_steps": total_steps, "reset": reset},
+        "fragments": {"job-status": fragment(request, "_job_status.html", job=job, row=row,
+                                             fine_tuned_model=job.fine_tuned_model, failure=views.failure(job))},
+        "done": views.is_finished(job.status) and not more,
+    }
+    newest_checkpoint = jobs_service.checkpoints(db, project, job.id, after=None, limit=1).items
+    unserved = _unserved(db, job)
+    version = views.panel_version(job, newest_checkpoint[0].id if newest_checkpoint else None, unserved)
+    update["version"] = version
+    if version != v:
+        context = _panels_context(db, project, job, unserved)
+        update["fragments"].update({key: fragment(request, template, **context)
+                                    for key, template in PANEL_FRAGMENTS.items()})
+    return update
 
 
 @router.post("/jobs/{job_id}/cancel", dependencies=[CsrfChecked])

@@ -5,7 +5,7 @@ import json
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -249,9 +249,10 @@ def resume(session: Session, settings: Settings, project: Project, job_id: str) 
     return job
 
 
-def events(session: Session, project: Project, job_id: str, *, after: str | None, limit: int) -> Page[JobEvent]:
+def events(session: Session, project: Project, job_id: str, *, after: str | None, limit: int,
+           order: Literal["asc", "desc"] = "desc") -> Page[JobEvent]:
     get(session, project, job_id)
-    return repo.events_page(session, job_id, after=after, limit=limit)
+    return repo.events_page(session, job_id, after=after, limit=limit, order=order)
 
 
 def answers(session: Session, project: Project, job_id: str) -> list[AnswerObject]:

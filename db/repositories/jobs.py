@@ -1,6 +1,6 @@
 """Queries on fine-tuning jobs, their events and checkpoints. Ownership checks live in the callers' filters."""
 
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Row, delete, select, update
 from sqlalchemy.orm import Session
@@ -125,8 +125,10 @@ def pending_merges(session: Session, limit: int) -> list[Job]:
     return list(session.scalars(stmt))
 
 
-def events_page(session: Session, job_id: str, *, after: str | None, limit: int) -> Page[JobEvent]:
-    return paginate(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent, after=after, limit=limit)
+def events_page(session: Session, job_id: str, *, after: str | None, limit: int,
+                order: Literal["asc", "desc"] = "desc") -> Page[JobEvent]:
+    return paginate(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent, after=after, limit=limit,
+                    order=order)
 
 
 def metrics_events(session: Session, job_id: str) -> list[JobEvent]:
