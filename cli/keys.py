@@ -3,6 +3,7 @@
 import time
 
 from api.services import projects
+from cli.output import add_json_flag, emit
 from core.settings import get_settings
 from db.session import transaction
 
@@ -21,29 +22,39 @@ def register(sub) -> None:
     revoke = keys.add_parser("revoke", help="Revoke a key by id or visible prefix.")
     revoke.add_argument("key")
     revoke.set_defaults(handler=cmd_revoke)
+    for command in (create, listing, revoke):
+        add_json_flag(command)
 
 
 def cmd_create(args) -> int:
     with transaction(get_settings().database_url) as session:
         new = projects.create_key(session, args.project, name=args.name, read_only=args.read_only)
-    print(new.key)
-    print(f"# key {new.row.id} for project '{new.project.name}': store it now, it is not shown again.")
+    emit(args, {"id": new.row.id, "key": new.key, "project": new.project.name, "read_only": new.row.read_only},
+         lambda: f"{new.key}\n# key {new.row.id} for project '{new.project.name}': store it now, it is not shown again.")
     return 0
 
 
 def cmd_list(args) -> int:
     with transaction(get_settings().database_url) as session:
-        rows = projects.list_keys(session, args.project)
-        print(f"{'ID':<22} {'PREFIX':<13} {'PROJECT':<20} {'CREATED':<20} STATE")
-        for key, project in rows:
-            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(key.created_at))
-            state = "revoked" if key.revoked_at else "active, read-only" if key.read_only else "active"
-            print(f"{key.id:<22} {key.prefix + '…':<13} {project.name:<20} {created:<20} {state}")
+        rows = [{"id": key.id, "prefix": key.prefix, "project": project.name, "created_at": int(key.created_at),
+                 "state": "revoked" if key.revoked_at else "active", "read_only": bool(key.read_only)}
+                for key, project in projects.list_keys(session, args.project)]
+
+    def text() -> str:
+        lines = [f"{'ID':<22} {'PREFIX':<13} {'PROJECT':<20} {'CREATED':<20} STATE"]
+        for row in rows:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_at"]))
+            state = "active, read-only" if row["state"] == "active" and row["read_only"] else row["state"]
+            lines.append(f"{row['id']:<22} {row['prefix'] + '…':<13} {row['project']:<20} {created:<20} {state}")
+        return "\n".join(lines)
+
+    emit(args, rows, text)
     return 0
 
 
 def cmd_revoke(args) -> int:
     with transaction(get_settings().database_url) as session:
         key = projects.revoke_key(session, args.key)
-        print(f"revoked {key.id} ({key.prefix}…)")
+        revoked = {"id": key.id, "prefix": key.prefix, "state": "revoked"}
+    emit(args, revoked, lambda: f"revoked {revoked['id']} ({revoked['prefix']}…)")
     return 0

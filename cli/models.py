@@ -8,6 +8,7 @@ With `--models-dir DIR` they work on a local folder of models, as a single host 
 import tempfile
 from pathlib import Path
 
+from cli.output import add_json_flag, emit
 from core.catalogue import add_model, list_models
 from core.errors import LorajobsError
 from core.settings import get_settings
@@ -19,6 +20,7 @@ def register(sub) -> None:
     )
     listing = models.add_parser("list", help="List the base models in the catalogue.")
     listing.set_defaults(handler=cmd_list)
+    add_json_flag(listing)
     add = models.add_parser("add", help="Add a Hugging Face model folder to the catalogue under an id (uploaded once).")
     add.add_argument("id", help="Catalogue id, ORG/NAME or NAME.")
     add.add_argument("path", type=Path, help="A Hugging Face model folder (with config.json).")
@@ -61,6 +63,10 @@ def cmd_list(args) -> int:
         settings = get_settings()
         with transaction(settings.database_url) as session:
             found = catalogue.list_all(session, settings.models_dir)
+    if getattr(args, "json", False):
+        emit(args, [{"id": m.id, "architecture": m.architecture, "path": str(m.path) if m.path else None}
+                    for m in found])
+        return 0
     if not found:
         print("No models in the catalogue; try `lorajobs models install-smollm2`.")
     for model in found:

@@ -149,3 +149,17 @@ def test_watch_and_follow_ride_out_an_api_restart(stack, settings, project_key, 
     printed = [json.loads(line)["id"] for line in out["follow"][0].read_text().splitlines()]
     newest = [e.id for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100).data))]
     assert len(printed) == len(set(printed)) and printed[-len(newest):] == newest  # each once, none missed
+
+
+def test_keys_and_models_speak_json_too(stack, settings):
+    created = json.loads(lorajobs(settings, "keys", "create", "--project", "json-team", "--read-only", "--json").stdout)
+    assert created["key"].startswith("lj-") and created["project"] == "json-team" and created["read_only"] is True
+    listed = json.loads(lorajobs(settings, "keys", "list", "--project", "json-team", "--json").stdout)
+    assert [(k["id"], k["state"], k["read_only"]) for k in listed] == [(created["id"], "active", True)]
+    assert created["key"] not in json.dumps(listed)  # the key itself is shown once, at creation
+    revoked = json.loads(lorajobs(settings, "keys", "revoke", created["id"], "--json").stdout)
+    assert revoked["id"] == created["id"] and revoked["state"] == "revoked"
+    assert json.loads(lorajobs(settings, "keys", "list", "--project", "json-team", "--json").stdout)[0]["state"] == \
+        "revoked"
+    models = json.loads(lorajobs(settings, "models", "list", "--json").stdout)
+    assert TINY_MODEL_ID in [m["id"] for m in models]
