@@ -147,6 +147,7 @@ class JobObject(BaseModel):
     delivered_checkpoint: DeliveredCheckpoint | None = Field(
         None, description="Which checkpoint the adapter is, when chosen on validation data")
     cancel_requested: bool = False
+    pause_requested: bool = False
     attempts: int = 0
     resends: int = Field(0, description="Times the sweeper sent the job's message again because no worker had taken "
                          "it by its deadline (lost by the broker, or waiting behind other jobs); never spends attempts")
@@ -200,4 +201,3 @@ class CheckpointObject(BaseModel):
     metrics: CheckpointMetrics
     step_number: int
     sha256: str
-    pause_requested: bool = False

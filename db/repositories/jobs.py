@@ -168,6 +168,7 @@ def fine_tuned(session: Session, project_id: str) -> list[Job]:
             .order_by(Job.seq.desc()))
     return list(session.scalars(stmt))
 
+
 def active_of_project(session: Session, project_id: str) -> list[Job]:
     """A project's jobs validating, queued or running (its quotas)."""
     stmt = select(Job).where(Job.project_id == project_id, Job.status.in_(("validating_files", "queued", "running")))
