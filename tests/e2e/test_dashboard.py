@@ -6,13 +6,11 @@ import time
 
 import openai
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from api.dashboard import session as cookies
 from tests.conftest import TINY_MODEL_ID, make_project_key
 from tests.e2e.dashboard_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     DESKTOP,
     PHONE,
     chart_points,
@@ -26,14 +24,6 @@ from tests.e2e.dashboard_helpers import (
 from tests.e2e.jobs_helpers import create_job, processed_file, support_dataset
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

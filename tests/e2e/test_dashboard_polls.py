@@ -5,11 +5,11 @@ import re
 
 import openai
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from api.routes.dashboard import STATIC_DIR
 from tests.conftest import TINY_MODEL_ID, make_project_key
-from tests.e2e.dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, DESKTOP, sign_in
+from tests.e2e.dashboard_helpers import DESKTOP, sign_in
 from tests.e2e.jobs_helpers import create_job, processed_file, support_dataset, wait_status
 from tests.stack import ApiServer
 
@@ -57,14 +57,6 @@ def test_focus_rings_and_input_borders_keep_3_to_1_against_their_backgrounds():
 
 
 # --- live pages ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
