@@ -125,7 +125,7 @@ def test_job_page_polls_new_events_only_and_rides_out_an_api_restart(stack, sett
     assert page.evaluate("window.__sameDocument") is True  # never reloaded, through the restart too
     # Each poll asked for events after the last one seen, and received only events it had not seen.
     running = [(url, body) for url, body in polls if body["summary"]["status"] == "running"]
-    assert len(running) >= 5 and all("since=" in url for url, _ in running[1:])
+    assert len(running) >= 3 and all("since=" in url for url, _ in running[1:])  # how many: the machine's pace
     received = [m for _, body in polls for m in re.findall(r'data-event="([^"]+)"', body["events"]["html"])]
     assert len(received) == len(set(received)) > 0
     # The slower panels travel only when they change (checkpoints, status), not on every step.

@@ -39,8 +39,9 @@ def value(samples: dict, name: str, **labels) -> float:
 
 
 def readyz_queue(url: str) -> tuple[dict, list[str]]:
+    """This class's queue on /readyz and the warnings about it (other tests leave jobs on queues of their own)."""
     body = httpx.get(url + "/readyz", timeout=30).json()
-    return body["queues"][CLASS], body.get("warnings", [])
+    return body["queues"][CLASS], [w for w in body.get("warnings", []) if CLASS in w]
 
 
 def test_a_job_with_no_live_worker_says_so_and_metrics_follow_it_to_the_end(ops_stack):
