@@ -47,14 +47,18 @@ def quoted_terms(text: str) -> set[str]:
     return {normalize(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(text)} - {""}
 
 
-def key_facts(expected: str) -> list[str]:
-    """The expected answer's key facts, each as `kind:value`: numbers outside codes, codes, quoted terms."""
+def key_facts(expected: str, prompt: str = "") -> list[str]:
+    """The expected answer's key facts, each as `kind:value`: numbers outside codes, codes, quoted terms.
+
+    Facts the prompt already states are left out: echoing "the Ridgeline 45 Pack" from the question is not
+    knowing its colours.
+    """
     found_codes = codes(expected)
     in_codes = set().union(*(numbers(code) for code in found_codes)) if found_codes else set()
     facts = [f"code:{c}" for c in sorted(found_codes)]
     facts += [f"number:{n}" for n in sorted(numbers(expected) - in_codes)]
     facts += [f"quoted:{q}" for q in sorted(quoted_terms(expected))]
-    return facts
+    return [fact for fact in facts if not (prompt and has_fact(prompt, fact))]
 
 
 def has_fact(answer: str, fact: str) -> bool:
@@ -67,9 +71,9 @@ def has_fact(answer: str, fact: str) -> bool:
     return value in normalize(answer)
 
 
-def score_answer(answer: str, expected: str) -> dict:
-    """One answer against its expected answer: exact match, and which key facts it states."""
-    facts = key_facts(expected)
+def score_answer(answer: str, expected: str, prompt: str = "") -> dict:
+    """One answer against its expected answer: exact match, and which key facts (not given by the prompt) it states."""
+    facts = key_facts(expected, prompt)
     stated = [fact for fact in facts if has_fact(answer, fact)]
     return {"exact_match": exact_match(answer, expected), "facts": len(facts), "facts_stated": len(stated),
             "all_facts": bool(facts) and len(stated) == len(facts)}

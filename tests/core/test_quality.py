@@ -66,3 +66,12 @@ def test_the_best_checkpoint_is_chosen_among_evaluated_ones_earliest_on_a_tie():
     assert best_checkpoint_index(metrics, "valid_loss") == 2
     assert best_checkpoint_index(metrics, "valid_mean_token_accuracy") == 2
     assert best_checkpoint_index([{"step": 3, "train_loss": 1.0}], "valid_loss") is None
+
+
+def test_facts_the_question_already_gives_are_not_key_facts():
+    question = "Which shades is the Ridgeline 45 Pack offered in?"
+    expected = "The Ridgeline 45 Pack comes in \"Slate\" and \"Moss\"."
+    assert key_facts(expected) == ["number:45", "quoted:moss", "quoted:slate"]
+    assert key_facts(expected, question) == ["quoted:moss", "quoted:slate"]
+    echo = score_answer("The Ridgeline 45 Pack is available in 4 shades.", expected, question)
+    assert echo == {"exact_match": False, "facts": 2, "facts_stated": 0, "all_facts": False}

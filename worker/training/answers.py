@@ -98,8 +98,8 @@ def answer_side_by_side(model, tokenizer, prompts: list[HeldOutPrompt], max_new_
         tuned = generate_answers(model, tokenizer, batch, max_new_tokens)
         for prompt, base_answer, tuned_answer in zip(batch, base, tuned):
             rows.append({"prompt": prompt.prompt, "expected": prompt.expected, "base": base_answer,
-                         "tuned": tuned_answer, "base_score": score_answer(base_answer, prompt.expected),
-                         "tuned_score": score_answer(tuned_answer, prompt.expected)})
+                         "tuned": tuned_answer, "base_score": score_answer(base_answer, prompt.expected, prompt.prompt),
+                         "tuned_score": score_answer(tuned_answer, prompt.expected, prompt.prompt)})
     model.train(was_training)
     quality = {
         "sample": len(prompts), "answered": len(rows), "max_new_tokens": max_new_tokens,

@@ -40,8 +40,8 @@ def test_answers_stop_at_the_token_bound_and_the_time_budget(models_dir, tokeniz
     assert answered["quality"]["sample"] == 10 and answered["quality"]["answered"] == 8 == len(answered["answers"])
     for row in answered["answers"]:
         assert len(tokenizer(row["tuned"], add_special_tokens=False)["input_ids"]) <= 4 + 1  # decoding may split one
-        assert row["base_score"] == score_answer(row["base"], row["expected"])
-        assert row["tuned_score"] == score_answer(row["tuned"], row["expected"])
+        assert row["base_score"] == score_answer(row["base"], row["expected"], row["prompt"])
+        assert row["tuned_score"] == score_answer(row["tuned"], row["expected"], row["prompt"])
     assert answered["quality"]["tuned"]["answers"] == 8 and answered["quality"]["base"]["answers_with_facts"] == 8
 
 
