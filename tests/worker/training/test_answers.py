@@ -42,7 +42,9 @@ def test_answers_stop_at_the_token_bound_and_the_time_budget(models_dir, tokeniz
         assert len(tokenizer(row["tuned"], add_special_tokens=False)["input_ids"]) <= 4 + 1  # decoding may split one
         assert row["base_score"] == score_answer(row["base"], row["expected"], row["prompt"])
         assert row["tuned_score"] == score_answer(row["tuned"], row["expected"], row["prompt"])
-    assert answered["quality"]["tuned"]["answers"] == 8 and answered["quality"]["base"]["answers_with_facts"] == 8
+    # Every expected answer has a key fact ("3 days") but parcel 3's, whose question already states the 3.
+    with_facts = sum("parcel 3?" not in row["prompt"] for row in answered["answers"])
+    assert answered["quality"]["tuned"]["answers"] == 8 and answered["quality"]["base"]["answers_with_facts"] == with_facts
 
 
 def drifting_records(n: int) -> list[dict]:
