@@ -12,6 +12,11 @@ from sqlalchemy import create_engine, text
 from core.settings import Settings, get_settings
 from tests.stack import ApiServer, WorkerProcess, settings_env
 
+# Training in tests is reproducible run to run and process to process: the CPU compute path is pinned to float32.
+# A worker's own probe may choose bf16 on this CPU, or flip where two paths nearly tie; tests/worker/training/
+# test_compute.py tests the probe itself.
+os.environ.setdefault("LORAJOBS_CPU_COMPUTE", "float32")
+
 TINY_MODEL_ID = "tiny/llama"
 FAMILY_ORG = "fam"  # family models are catalogued as fam/llama2, fam/mistral, ... (tests/helpers/families.py)
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"

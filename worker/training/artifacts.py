@@ -37,6 +37,7 @@ class TrainingResult:
     best_checkpoint: dict | None = None  # the checkpoint delivered as the adapter, chosen on validation (best.py)
     quality: dict | None = None  # exact match and key facts over the held-out sample, base and tuned (answers.py)
     answers: list | None = None  # that sample: prompt, expected, base and tuned answers with their scores
+    compute: str | None = None  # the compute path and why (worker/training/compute.py)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -150,6 +151,7 @@ def write_model_card(adapter_dir: Path, spec_json: dict, result: TrainingResult)
         "",
         f"Chat template: `{result.chat_template}` (saved beside the adapter as `chat_template.jinja`).",
         "",
+        *([f"Compute: {result.compute}.", ""] if result.compute else []),
         "## Metrics (validation)",
         "",
         "| | loss | token accuracy |",

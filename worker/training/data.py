@@ -244,11 +244,42 @@ class LabelledLogitsOnly:
         return batch
 
 
-def training_collator(collator, model):
-    """The collator the Trainer trains with: `LabelledLogitsOnly` where the model's forward takes `logits_to_keep`."""
+class PackedBoundaries:
+    """A packing collator's batches, plus where each example starts in the packed row (worker/training/attention.py)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        from worker.training.attention import add_boundaries
+
+        return add_boundaries(self.collator(features))
+
+
+def _forward_parameters(model):
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
+    return inspect.signature(type(base).forward).parameters
+
+
+def with_boundaries(collator, model):
+    """`PackedBoundaries` where the model attends per packed example and its forward hands keyword arguments on."""
+    import inspect
+
+    from worker.training.attention import PACKED_SDPA
+
+    if getattr(model.config, "_attn_implementation", None) != PACKED_SDPA:
+        return collator
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _forward_parameters(model).values()):
+        return collator
+    return PackedBoundaries(collator)
+
+
+def training_collator(collator, model):
+    """The collator the Trainer trains with: the packed examples' boundaries where the model uses them, and
+    `LabelledLogitsOnly` where its forward takes `logits_to_keep`."""
+    collator = with_boundaries(collator, model)
+    if "logits_to_keep" in _forward_parameters(model):
         return LabelledLogitsOnly(collator)
     return collator

@@ -8,6 +8,7 @@ from core.errors import InvalidRequest, LorajobsError
 from core.spec import JobSpec
 from core.templates import BUILT_IN, CHATML_TOKENS, built_in_template, resolve_choice
 from worker.catalogue import model_source
+from worker.training.compute import compute_path
 
 GRADIENT_CHECKPOINTING = {"use_reentrant": False}
 
@@ -47,42 +48,27 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it, ~40x slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def compute_dtype(spec: JobSpec, device: str):
-    """The dtype of the 4-bit layers' matmuls: bf16 where the device computes it natively, else fp16 (old GPUs) or
-    fp32 (CPUs without AVX512-BF16/AMX, measured 43x faster than emulated bf16 on an AVX2 EPYC)."""
+    """The dtype of the 4-bit layers' matmuls: the spec's, or on `auto` what measured fastest on this CPU (fp32 on
+    an AVX2 EPYC, where bitsandbytes' bf16 ran 43x slower), bf16 on a GPU that supports it, else fp16."""
     import torch
 
-    if spec.compute_dtype != "auto":
-        return getattr(torch, spec.compute_dtype)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return getattr(torch, compute_path(spec, device).choice)
 
 
 def compute_description(spec: JobSpec, device: str) -> str:
-    """The compute path chosen, for the job's events."""
-    base = str(base_dtype(device)).removeprefix("torch.")
-    if spec.quantization == "none":
-        return f"base in {base}"
-    return f"base in 4-bit {spec.quantization}, matmuls in {str(compute_dtype(spec, device)).removeprefix('torch.')}"
+    """The compute path chosen and why, for the job's events and model card."""
+    return compute_path(spec, device).description()
 
 
-def base_dtype(device: str):
-    """The dtype the base is loaded in: bf16 on a GPU that supports it, fp32 on the CPU (where bf16 training is slow)."""
+def base_dtype(spec: JobSpec, device: str):
+    """The dtype the base is loaded in: bf16 on a GPU that supports it (else fp16); on the CPU fp32, or bf16 where
+    plain LoRA measured fastest with bf16 weights (worker/training/compute.py)."""
     import torch
 
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return getattr(torch, compute_path(spec, device).cpu_base_dtype)
 
 
 def to_bnb_config(spec: JobSpec, device: str):
@@ -179,7 +165,7 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str, gradient_check
 
     source = model_source(models_dir, spec.model)
     bnb_config = to_bnb_config(spec, device)
-    kwargs = {"dtype": base_dtype(device)}
+    kwargs = {"dtype": base_dtype(spec, device)}
     if bnb_config is not None:
         check_quantization(AutoConfig.from_pretrained(source).to_dict(), spec.quantization)
         kwargs.update(quantization_config=bnb_config, device_map={"": 0} if device == "cuda" else {"": "cpu"})

@@ -20,8 +20,11 @@ from worker.training.artifacts import (
     write_model_card,
     write_training_log,
 )
+from worker.training.attention import use_packed_attention
 from worker.training.best import report_selection
+from worker.training.compute import compute_path
 from worker.training.data import (
+    with_boundaries,
     TokenizedData,
     make_collator,
     read_examples,
@@ -72,7 +75,8 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
     from worker.training.best import selection_arguments
 
     quantized = spec.quantization != "none"
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    # bf16 autocast: on a GPU that supports it, and on a CPU where plain LoRA measured fastest that way.
+    bf16 = (device == "cuda" and torch.cuda.is_bf16_supported()) or compute_path(spec, device).autocast_bf16
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=hp.micro_batch_size,
@@ -244,11 +248,15 @@ def train(
     collator = make_collator(spec.packing, tokenizer)
 
     set_seed(spec.seed)  # the adapter's initial weights
-    model = attach_adapter(load_base_model(spec, models_dir, device, gradient_checkpointing), spec)
+    base = load_base_model(spec, models_dir, device, gradient_checkpointing)
+    if spec.packing:
+        use_packed_attention(base)  # attention per packed example, not over a dense (ΣL)² mask (attention.py)
+    model = attach_adapter(base, spec)
     parameters = parameter_counts(model)
     if hooks.on_parameters:
         hooks.on_parameters(dict(parameters))
-    evaluate = partial(evaluate_model, rows=valid_data.rows, collator=collator, micro_batch_size=hp.micro_batch_size)
+    evaluate = partial(evaluate_model, rows=valid_data.rows, collator=with_boundaries(collator, model),
+                       micro_batch_size=hp.micro_batch_size)
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, training_collator(collator, model),
                             out_dir / "checkpoints", device, callback, valid_rows=valid_data.rows)
@@ -305,6 +313,7 @@ def train(
         chat_template=tokenizer.lorajobs_chat_template,
         base_provenance=base_provenance(models_dir, spec.model),
         library_versions=library_versions(),
+        compute=compute_description(spec, device),
     )
     write_model_card(adapter_dir, spec.model_dump(mode="json"), result)
     hooks.event("info", f"Training {status} after {result.steps} steps.")

@@ -10,7 +10,6 @@ from worker.training.model import (
     QuantizedLayoutError,
     attach_adapter,
     check_4bit_layout,
-    cpu_has_native_bf16,
     load_base_model,
 )
 
@@ -45,8 +44,8 @@ def test_bnb_config_is_none_for_plain_lora_and_4bit_otherwise():
     assert to_bnb_config(tiny_spec(quantization="none"), "cpu") is None
     config = to_bnb_config(tiny_spec(quantization="nf4"), "cpu")
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-    # bf16 where this CPU computes it natively; emulated bf16 is ~40x slower than fp32 (AVX2-only CPUs).
-    assert config.bnb_4bit_compute_dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    # The compute path's choice (worker/training/compute.py; the suite pins float32 for reproducible training).
+    assert config.bnb_4bit_compute_dtype == torch.float32
     fp4 = to_bnb_config(tiny_spec(quantization="fp4", double_quant=False, compute_dtype="float32"), "cpu")
     assert fp4.bnb_4bit_quant_type == "fp4" and not fp4.bnb_4bit_use_double_quant
     assert fp4.bnb_4bit_compute_dtype == torch.float32

@@ -1,0 +1,141 @@
+"""The compute path a job trains with, chosen by measuring this machine rather than by a rule about it.
+
+Whether bf16 pays on a CPU depends on the chip: with AVX512-BF16 or AMX it runs in hardware, on an AVX2-only CPU it
+is emulated, and by how much differs per kind of layer (bitsandbytes' 4-bit layers ran 43x slower in bf16 than in
+fp32 on an AVX2 EPYC, while a plain bf16 matmul there is not far from fp32). So a worker times, once per process,
+the layers training actually runs, forward and backward, in each candidate dtype, and takes the fastest:
+
+- plain LoRA: a frozen `nn.Linear` in fp32, under bf16 autocast (fp32 weights, Trainer `bf16=True`), and in bf16
+  weights (the base loaded in bf16);
+- QLoRA: a bitsandbytes NF4 `Linear4bit` with fp32 and with bf16 compute.
+
+fp32 is kept unless another candidate is at least `MIN_GAIN` faster: it is the more precise, and a near tie must
+not flip between workers. On a GPU the rule stands (bf16 where the card supports it, else fp16): tensor cores
+compute both many times faster than fp32, which needs no probe. The choice and its timings go into the job's
+events and the model card (`ComputePath.description`).
+"""
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+MIN_GAIN = 1.2  # a bf16 candidate must beat fp32 by this factor to be chosen
+PROBE_FEATURES = 1024  # a layer of this width (SmolLM2's is 576, a 7B's 4096)
+PROBE_TOKENS = 256
+PROBE_REPEATS = 3
+
+PLAIN_CANDIDATES = ("float32", "bf16-autocast", "bfloat16")
+QUANTIZED_CANDIDATES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ComputePath:
+    """How one kind of job computes on this device, and why."""
+
+    device: str
+    quantized: bool
+    choice: str  # plain: float32 | bf16-autocast | bfloat16 | float16; 4-bit: the matmul dtype
+    how: str  # "measured" | "rule" | "spec" | "setting"
+    seconds: dict[str, float] = field(default_factory=dict)  # candidate -> best time of the probe
+
+    @property
+    def cpu_base_dtype(self) -> str:
+        """On the CPU, the dtype the base loads in: bf16 only where plain LoRA measured fastest in bf16 weights."""
+        return "bfloat16" if self.choice == "bfloat16" and not self.quantized else "float32"
+
+    @property
+    def autocast_bf16(self) -> bool:
+        return self.choice == "bf16-autocast"
+
+    def description(self) -> str:
+        what = f"matmuls of the 4-bit layers in {self.choice}" if self.quantized else {
+            "float32": "base and compute in float32", "bf16-autocast": "base in float32, bf16 autocast",
+        }.get(self.choice, f"base and compute in {self.choice}")
+        if self.how == "measured":
+            timings = ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in self.seconds.items())
+            return f"{what} (measured on this {self.device}: {timings} per probe step)"
+        if self.how == "spec":
+            return f"{what} (as the spec asks)"
+        if self.how == "setting":
+            return f"{what} (as LORAJOBS_CPU_COMPUTE asks)"
+        return f"{what} (rule for {self.device}: {'bf16' if 'bfloat16' in self.choice else 'fp16'} where supported)"
+
+
+def choose(seconds: dict[str, float]) -> str:
+    """The fastest candidate, but float32 unless the winner beats it by MIN_GAIN."""
+    best = min(seconds, key=seconds.get)
+    return best if seconds[best] * MIN_GAIN <= seconds["float32"] else "float32"
+
+
+def _best_of(step, repeats: int = PROBE_REPEATS) -> float:
+    step()  # warm-up: first-call dispatch, allocations, weight layout
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _plain_step(candidate: str):
+    import torch
+
+    dtype = torch.bfloat16 if candidate == "bfloat16" else torch.float32
+    layer = torch.nn.Linear(PROBE_FEATURES, PROBE_FEATURES, bias=False).to(dtype).requires_grad_(False)
+    x = torch.randn(PROBE_TOKENS, PROBE_FEATURES, dtype=dtype, requires_grad=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=candidate == "bf16-autocast"):
+            out = layer(x)
+        out.float().sum().backward()
+
+    return step
+
+
+def _quantized_step(candidate: str):
+    import bitsandbytes as bnb
+    import torch
+
+    dtype = getattr(torch, candidate)
+    layer = bnb.nn.Linear4bit(PROBE_FEATURES, PROBE_FEATURES, bias=False, compute_dtype=dtype, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes the weight
+    layer.requires_grad_(False)
+    x = torch.randn(PROBE_TOKENS, PROBE_FEATURES, dtype=dtype, requires_grad=True)
+
+    def step():
+        layer(x).float().sum().backward()  # with grad, as in training: no inference repacking
+
+    return step
+
+
+@functools.cache
+def measured_cpu_path(quantized: bool) -> ComputePath:
+    """Time each candidate on this CPU (about a second, once per process) and choose."""
+    import torch
+
+    threads = torch.get_num_threads()
+    candidates, make = (QUANTIZED_CANDIDATES, _quantized_step) if quantized else (PLAIN_CANDIDATES, _plain_step)
+    try:
+        with torch.random.fork_rng():  # the probe's random inputs must not move the job's seeded stream
+            seconds = {name: _best_of(make(name)) for name in candidates}
+    finally:
+        torch.set_num_threads(threads)
+    return ComputePath("cpu", quantized, choose(seconds), "measured", seconds)
+
+
+def compute_path(spec, device: str) -> ComputePath:
+    """The compute path for `spec` on `device`: the spec's own 4-bit dtype, a GPU's rule, or this CPU measured."""
+    quantized = spec.quantization != "none"
+    if quantized and spec.compute_dtype != "auto":
+        return ComputePath(device, True, spec.compute_dtype, "spec")
+    if device == "cuda":
+        import torch
+
+        return ComputePath(device, quantized, "bfloat16" if torch.cuda.is_bf16_supported() else "float16", "rule")
+    from core.settings import get_settings
+
+    forced = get_settings().cpu_compute
+    if forced != "auto":
+        choice = ("bfloat16" if forced != "float32" else "float32") if quantized else forced
+        return ComputePath(device, quantized, choice, "setting")
+    return measured_cpu_path(quantized)
