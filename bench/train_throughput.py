@@ -5,7 +5,8 @@ Variants (each in its own process, for a clean peak RSS; interleaved over --roun
   b1    transformers Trainer + peft, each micro-batch padded to its longest row (DataCollatorForSeq2Seq)
   b2    transformers Trainer + peft, every row padded to 256 tokens (a reference; demo data and LoRA only)
   c1    trl SFTTrainer with its defaults
-  c2    trl SFTTrainer with its padding-free batching (`padding_free=True`) and assistant-only loss
+  c2    trl SFTTrainer with its padding-free batching (`padding_free=True`) and completion-only loss on the
+        prompt-completion form of each chat (trl 1.x needs `{% generation %}` markers for assistant-only loss)
 Every variant gets the same base model, loaded by the same function (`load_base_model`: fp32 for LoRA, NF4 with
 the machine's compute dtype for QLoRA), the same LoRA settings, data, order and hyperparameters, and is timed by
 the same wall clock around its Trainer's `train()` (model loading, tokenizing and evaluation excluded alike).
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated: demo, longtail.")
     parser.add_argument("--modes", default="lora,qlora", help="Comma-separated: lora, qlora.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--examples", type=int, default=32, help="Training examples per dataset.")
+    parser.add_argument("--examples", type=int, default=16, help="Training examples per dataset.")
     parser.add_argument("--valid-examples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=1024)
@@ -129,17 +130,26 @@ def _timed_train(trainer) -> float:
 
 
 def run_core(args, spec, data: Path) -> dict:
+    """The core as a job runs it, but given no validation file: with one it evaluates and keeps the best checkpoint
+    inside `train()`, which the baselines' timed `train()` does not do. Its final loss is measured afterwards, on
+    the adapter over the same base, by the same function as theirs."""
+    from peft import PeftModel
+
     from worker.training import train
 
-    result = train(spec, data / "train.jsonl", data / "valid.jsonl", args.workdir / "out", models_dir=args.models_dir)
+    result = train(spec, data / "train.jsonl", None, args.workdir / "out", models_dir=args.models_dir)
+    model, tokenizer = _base(spec, args)
+    model = PeftModel.from_pretrained(model, result.adapter_dir)
     return {"real_tokens": result.trained_tokens, "seconds": result.train_seconds, "steps": result.steps,
-            "final_eval_loss": result.final_eval["loss"]}
+            "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data)}
 
 
 def _trainer_args(spec, args, **extra):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(args.workdir / "hf"), per_device_train_batch_size=args.batch_size,
+    from worker.training.compute import compute_path
+
+    return TrainingArguments(bf16=compute_path(spec, "cpu").autocast_bf16, output_dir=str(args.workdir / "hf"), per_device_train_batch_size=args.batch_size,
                              num_train_epochs=spec.n_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="linear",
                              seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to="none",
                              disable_tqdm=True, use_cpu=True, remove_unused_columns=False, **extra)
@@ -165,26 +175,40 @@ def run_trainer(args, spec, data: Path, padding: str) -> dict:
             "steps": trainer.state.global_step, "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data)}
 
 
-def run_trl(args, spec, data: Path, tuned: bool) -> dict:
-    """(c1) trl's SFTTrainer with its defaults; (c2) with its padding-free batching and assistant-only loss.
+def _prompt_completion(row: dict) -> dict:
+    """A chat as trl's prompt-completion form: every message before the last assistant turn is the prompt."""
+    messages = row["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
 
-    bf16 follows the machine (on only where the CPU computes bf16 natively): trl's bf16 default would run 40x
-    slower on a CPU without AVX512-BF16/AMX, which no careful user keeps.
+
+def run_trl(args, spec, data: Path, tuned: bool) -> dict:
+    """(c1) trl's SFTTrainer with its defaults; (c2) with its padding-free batching and completion-only loss.
+
+    Every variant computes as the core does on this machine (worker/training/compute.py): the same base dtype from
+    `load_base_model`, and bf16 autocast only where the core uses it, in place of trl's own `bf16` default.
     """
     import torch
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
     from worker.training import to_lora_config
-    from worker.training.model import cpu_has_native_bf16
+    from worker.training.compute import compute_path
 
     model, tokenizer = _base(spec, args)
     dataset = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
-    extra = {"padding_free": True, "assistant_only_loss": True, "gradient_checkpointing": False} if tuned else {}
+    extra = {}
+    if tuned:
+        # trl 1.x trains only the assistant's tokens of a chat through `{% generation %}` markers, which SmolLM2's
+        # template lacks (and trl cannot patch it in); its documented alternative is the prompt-completion form,
+        # whose completion-only loss works with any template.
+        dataset = dataset.map(_prompt_completion, remove_columns=dataset.column_names)
+        # Without packing trl does not truncate padding-free rows: every row here is within max_seq_length already.
+        extra = {"padding_free": True, "completion_only_loss": True, "gradient_checkpointing": False, "max_length": None}
     config = SFTConfig(output_dir=str(args.workdir / "trl"), per_device_train_batch_size=args.batch_size,
                        num_train_epochs=spec.n_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="linear",
                        seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                       max_length=spec.max_seq_length, use_cpu=True, bf16=cpu_has_native_bf16(), **extra)
+                       use_cpu=True, bf16=compute_path(spec, "cpu").autocast_bf16, **({"max_length": spec.max_seq_length} | extra))
     torch.manual_seed(0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=to_lora_config(spec, model.config.to_dict()))
@@ -220,8 +244,14 @@ def machine_facts() -> dict:
         flags = sorted(f for f in all_flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
     except OSError:
         pass
+    from worker.training.compute import compute_path
+
+    paths = {mode: compute_path(spec_for(argparse.Namespace(batch_size=8, learning_rate=1e-3, max_seq_length=1024),
+                                         "nf4" if mode == "qlora" else "none"), "cpu").description()
+             for mode in ("lora", "qlora")}
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "compute_path": paths}
 
 
 def busy_cpu_seconds() -> float:
@@ -320,6 +350,7 @@ def main(argv=None) -> None:
     children = [f"{d}:{m}:{v}" for d in args.datasets.split(",") for m in args.modes.split(",")
                 for v in args.variants.split(",") if v != "b2" or (m, d) == ("lora", "demo")]  # b2: a reference
     runs: dict[str, list[dict]] = {c: [] for c in children}
+    machine = machine_facts()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
@@ -333,6 +364,8 @@ def main(argv=None) -> None:
                 r = runs[key][-1]
                 print(f"round {round_no + 1} {key}: {r['tokens_per_second']:.1f} tok/s, eval loss "
                       f"{r['final_eval_loss']:.4f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+                if args.json:  # after every run: an interrupted benchmark still leaves what it measured
+                    write_json(args, {"partial": True, "machine": machine, "runs": runs})
     wall = time.monotonic() - started
     # Everything the machine computed that was not this benchmark: other processes competing for the cores.
     others = (busy_cpu_seconds() - machine_busy) - (own_cpu_seconds() - own)
@@ -341,12 +374,15 @@ def main(argv=None) -> None:
     summary = summarize(runs)
     print_report(args, summary, load)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "settings": {k: v for k, v in vars(args).items() if k not in ("child", "workdir", "json", "models_dir")},
-            "machine": machine_facts(), "load": load, "wall_seconds": wall,
-            "summary": summary, "runs": runs}, indent=2) + "\n")
+        write_json(args, {"partial": False, "machine": machine, "load": load, "wall_seconds": wall,
+                          "summary": summary, "runs": runs})
         print(f"results: {args.json}")
+
+
+def write_json(args, results: dict) -> None:
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "workdir", "json", "models_dir")}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"settings": settings, **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class ModelSection(BaseModel):
     )
     double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves ~0.37 bit/parameter); 4-bit only.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Dtype of the 4-bit layers' matmuls; `auto` is bf16 where the device supports it."
+        "auto", description="Dtype of the 4-bit layers' matmuls; `auto` is bf16 on a GPU that supports it, on the CPU what measured fastest there."
     )
 
 
