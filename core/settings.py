@@ -65,6 +65,14 @@ class Settings(BaseSettings):
         10, ge=0,
         description="Connections kept free on the server for workers, the sweeper and migrations (start-up budget check).",
     )
+    db_connect_timeout: int = Field(
+        10, ge=2, description="Seconds a PostgreSQL connection may take to open; past it the request answers 503 "
+        "(a worker's write is retried) instead of waiting on a silent network (psycopg alone waits 130 s).",
+    )
+    db_prepared_statements: bool = Field(
+        True, description="Let psycopg prepare the statements it runs often (PostgreSQL). Set false behind PgBouncer "
+        "older than 1.21, or without max_prepared_statements, in transaction pooling.",
+    )
     secret_key: str = Field(
         "dev-insecure-secret-key", description="Signs dashboard sessions and CSRF tokens; must be set in production."
     )

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
+
+from core.settings import Settings, get_settings
 
 _AFTER_COMMIT = "lorajobs_after_commit"
 
@@ -17,19 +19,58 @@ log = logging.getLogger("lorajobs.db")
 
 
 @dataclass(frozen=True)
+class ConnectOptions:
+    """How each PostgreSQL connection is opened (`LORAJOBS_DB_CONNECT_TIMEOUT`, `LORAJOBS_DB_PREPARED_STATEMENTS`)."""
+
+    timeout: int = 10  # seconds for a connection to open; psycopg's own default is 130
+    prepared_statements: bool = True  # off behind PgBouncer < 1.21 in transaction pooling (docs/deployment.md)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ConnectOptions":
+        return cls(settings.db_connect_timeout, settings.db_prepared_statements)
+
+
+# libpq's TCP settings on every PostgreSQL connection: a peer that vanished without a word (a network that drops
+# packets, a host gone) is noticed within about a minute, by keepalive probes while the connection waits and by the
+# user timeout while a write stays unacknowledged, instead of when the kernel's retransmissions give up (15 minutes)
+# or, for a connection waiting on an answer, never. A live server's kernel answers both, however long a query runs.
+TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                "tcp_user_timeout": 60_000}
+
+
+def postgres_connect_args(url: str, options: ConnectOptions) -> dict:
+    """psycopg's arguments for `options`; a libpq parameter written in the URL's query (`?connect_timeout=5`) wins."""
+    query = make_url(url).query
+    args = {key: value for key, value in {"connect_timeout": options.timeout, **TCP_SETTINGS}.items()
+            if key not in query}
+    if not options.prepared_statements:
+        args["prepare_threshold"] = None  # psycopg prepares a query on its 5th run by default
+    return args
+
+
+def _connect_options(connect: ConnectOptions | None) -> ConnectOptions:
+    return connect or ConnectOptions.from_settings(get_settings())
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """A process's connection budget: a fixed pool, no overflow (opening and closing connections per request under
-    load left PostgreSQL counting backends still shutting down and refusing new ones with 'too many clients')."""
+    load left PostgreSQL counting backends still shutting down and refusing new ones with 'too many clients').
+
+    `connect` None: how connections open comes from the process's settings (`get_settings()`, the environment).
+    """
 
     size: int = 4  # workers and the sweeper use a connection or two at a time
     timeout: float = 30.0
+    connect: ConnectOptions | None = None
 
 
 WORKER_POOL = PoolConfig()
 
 
 def make_engine(url: str, pool: PoolConfig = PoolConfig()) -> Engine:
-    """An engine; SQLite gets WAL and a busy timeout because the API and the worker write at once."""
+    """An engine; SQLite gets WAL and a busy timeout because the API and the worker write at once; PostgreSQL gets a
+    connect timeout, TCP keepalives and, where configured, no prepared statements (`ConnectOptions`)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -51,7 +92,9 @@ def make_engine(url: str, pool: PoolConfig = PoolConfig()) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool.size, max_overflow=0, pool_timeout=pool.timeout)
+    connect_args = postgres_connect_args(url, _connect_options(pool.connect)) if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=pool.size, max_overflow=0, pool_timeout=pool.timeout,
+                         connect_args=connect_args)
 
 
 @lru_cache
@@ -105,7 +148,8 @@ def transaction(url: str, pool: PoolConfig = WORKER_POOL) -> Iterator[Session]:
 
 
 def connection_budget_problem(url: str, processes: int, pool_size: int, reserved: int,
-                               max_connections: int | None = None) -> str | None:
+                               max_connections: int | None = None,
+                               connect: ConnectOptions | None = None) -> str | None:
     """Why `processes` API processes of `pool_size` connections cannot fit the PostgreSQL server, or None.
 
     The rule (docs/deployment.md): processes x pool <= max_connections - superuser_reserved_connections - reserved,
@@ -119,7 +163,8 @@ def connection_budget_problem(url: str, processes: int, pool_size: int, reserved
     else:
         from sqlalchemy import text
 
-        engine = create_engine(url, poolclass=NullPool)
+        engine = create_engine(url, poolclass=NullPool,
+                               connect_args=postgres_connect_args(url, _connect_options(connect)))
         try:
             with engine.connect() as conn:
                 server = int(conn.execute(text("SHOW max_connections")).scalar_one())
