@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Preparation for the test run, the one step that uses the network (`make prepare`, after `make install` has
 # made the virtual environment with the SeaweedFS S3 server package): Debian's packages for the suite's
-# services and browser tests, installed when missing, and the cache of real tokenizer vocabularies. Run
-# again on a prepared machine it downloads nothing, so `make test` runs it every time.
+# services (PgBouncer too, for tests/ops/test_pgbouncer.py) and browser tests, installed when missing, and
+# the cache of real tokenizer vocabularies. Run again on a prepared machine it downloads nothing, so
+# `make test` runs it every time.
 #
 # Arguments add "command-or-path:debian-package" pairs to check (`.ci/run` adds its network-namespace tools).
 set -euo pipefail
@@ -17,6 +18,7 @@ NEEDED=(
   "pg_isready:postgresql-client"
   "redis-server:redis-server"
   "redis-cli:redis-tools"
+  "/usr/sbin/pgbouncer:pgbouncer"
   "/usr/bin/chromium:chromium"
   "curl:curl"
   "timeout:coreutils"

