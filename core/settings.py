@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     watchdog_seconds: float = Field(
         1800.0, ge=0, description="A training attempt that reports no progress (step, evaluation, upload) for this "
         "long is abandoned and its job requeued or failed with `timeout` (0: never).")
+    cpu_compute: Literal["auto", "float32", "bf16-autocast", "bfloat16"] = Field(
+        "auto", description="How a CPU worker computes: `auto` measures this CPU once per process and takes the "
+        "fastest; otherwise plain LoRA uses that path (float32; bf16 autocast over float32 weights; the base in "
+        "bfloat16) and QLoRA's 4-bit layers compute in float32, or in bfloat16 for either bf16 choice. A job's "
+        "`compute_dtype` still wins for its 4-bit layers.")
     work_dir: Path | None = Field(
         None, description="Folder of the workers' per-job scratch folders (datasets, checkpoints, archives); "
         "unset: the system's temporary folder.")
