@@ -1,20 +1,22 @@
 """Shared dependencies as `Annotated` aliases named for their role."""
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import BUSY_MESSAGE
-from api.services.projects import Caller
 from core.errors import DatabaseBusy
 from core.settings import Settings
 from core.storage import Storage
 from db.models import Project
 from db.session import transaction
+
+T = TypeVar("T")
 
 
 # Dependencies that do no I/O are async: FastAPI runs them on the event loop instead of a worker thread.
@@ -50,6 +52,23 @@ async def database_slot(request: Request) -> AsyncIterator[None]:
         yield
 
 
+async def in_transaction(app, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`function(session, *args, **kwargs)` in a transaction of its own, on one of the process's database slots:
+    opened, run, committed and closed in one worker-thread hop.
+
+    The hot reads use it instead of `SessionDep`: the session dependency costs a hop to open the session, one for a
+    sync handler and one to close it, and FastAPI's solving of three more dependencies.
+    """
+    url, pool = app.state.settings.database_url, app.state.pool
+
+    def run() -> T:
+        with transaction(url, pool) as session:
+            return function(session, *args, **kwargs)
+
+    async with database_slot_of(app):
+        return await run_in_threadpool(run)
+
+
 def get_session(request: Request, settings: SettingsDep,
                 _slot: Annotated[None, Depends(database_slot, scope="function")]) -> Iterator[Session]:
     """The request's transaction: committed when the handler returns, before the response is sent."""
@@ -74,16 +93,10 @@ def bearer_key(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
-async def get_caller(request: Request) -> Caller:
-    """The caller the gate (api/gate.py) authenticated from the headers, before any of the body was read."""
-    return request.state.caller
-
-
-CallerDep = Annotated[Caller, Depends(get_caller)]
-
-
-async def get_current_project(caller: CallerDep) -> Project:
-    return caller.project
+async def get_current_project(request: Request) -> Project:
+    """The project of the caller the gate (api/gate.py) authenticated from the headers, before any of the body was
+    read; taken from the request itself rather than through a dependency of its own (each costs a solve per request)."""
+    return request.state.caller.project
 
 
 CurrentProject = Annotated[Project, Depends(get_current_project)]

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
-from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep, in_transaction
 from api.responses import built
 from api.schemas import ListResponse
 from api.schemas_jobs import AnswerObject, CheckpointObject, EventObject, JobCreate, JobObject
@@ -28,19 +28,19 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, proj
     return service.object_with_position(session, job, project)
 
 
+# The hot reads (apps and dashboards poll them): async, with their database work in one thread hop (api/deps.py
+# `in_transaction`), answering the JSON of the object the service built (api/responses.py).
 @router.get("", response_model=ListResponse[JobObject])
-def list_jobs(request: Request, session: SessionDep, project: CurrentProject, after: str | None = None,
-              limit: Limit = 20, status: str | None = None) -> Response:
+async def list_jobs(request: Request, project: CurrentProject, after: str | None = None, limit: Limit = 20,
+                    status: str | None = None) -> Response:
     metadata = service.metadata_filter(list(request.query_params.multi_items()))
-    page = service.page(session, project, after=after, limit=limit, status=status, metadata=metadata)
-    positions = service.queue_positions(session, page.items)
-    return built(ListResponse.of([service.to_object(job, project, positions.get(job.id)) for job in page.items],
-                                 page.has_more))
+    return built(await in_transaction(request.app, service.object_page, project, after=after, limit=limit,
+                                      status=status, metadata=metadata))
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def retrieve_job(job_id: str, session: SessionDep, project: CurrentProject) -> Response:
-    return built(service.object_with_position(session, service.get(session, project, job_id), project))
+async def retrieve_job(request: Request, job_id: str, project: CurrentProject) -> Response:
+    return built(await in_transaction(request.app, service.read_object, project, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)

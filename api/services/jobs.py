@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api import limits
+from api.schemas import ListResponse
 from api.schemas_jobs import (
     AnswerObject,
     CheckpointMetrics,
@@ -40,6 +41,7 @@ from db.models import Checkpoint, File, Job, JobEvent, Project
 from db import catalogue, lifecycle
 from db.repositories import files as files_repo
 from db.repositories import jobs as repo
+from db.repositories.jobs import JobFields
 from db.repositories import workers as workers_repo
 from db.repositories.pagination import Page
 
@@ -187,7 +189,10 @@ def _note_unserved(session: Session, plan: Plan, placement: dict) -> None:
 
 
 def get(session: Session, project: Project, job_id: str) -> Job:
-    job = repo.get(session, project.id, job_id)
+    return _found(repo.get(session, project.id, job_id), job_id)
+
+
+def _found(job, job_id: str):
     if job is None:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return job
@@ -196,6 +201,19 @@ def get(session: Session, project: Project, job_id: str) -> Job:
 def page(session: Session, project: Project, *, after: str | None, limit: int, status: str | None = None,
          metadata: dict[str, str] | None = None) -> Page[Job]:
     return repo.page(session, project.id, after=after, limit=limit, status=status, metadata=metadata)
+
+
+def read_object(session: Session, project: Project, job_id: str) -> JobObject:
+    """`GET /v1/fine_tuning/jobs/{id}`: the job object, read from the columns it shows only (repo.JobFields)."""
+    return object_with_position(session, _found(repo.get_fields(session, project.id, job_id), job_id), project)
+
+
+def object_page(session: Session, project: Project, *, after: str | None, limit: int, status: str | None = None,
+                metadata: dict[str, str] | None = None) -> ListResponse[JobObject]:
+    """`GET /v1/fine_tuning/jobs`: a page of job objects, read from the columns they show only (repo.JobFields)."""
+    page = repo.fields_page(session, project.id, after=after, limit=limit, status=status, metadata=metadata)
+    positions = queue_positions(session, page.items)
+    return ListResponse.of([to_object(job, project, positions.get(job.id)) for job in page.items], page.has_more)
 
 
 def cancel(session: Session, project: Project, job_id: str) -> Job:
@@ -270,13 +288,13 @@ def checkpoint_model_name(job: Job, project: Project, checkpoint: Checkpoint) ->
     return f"{lifecycle.fine_tuned_model_name(job, project.name)}:ckpt-step-{checkpoint.step}"
 
 
-def _hyperparameters(job: Job) -> Hyperparameters:
+def _hyperparameters(job: Job | JobFields) -> Hyperparameters:
     resolved = job.hyperparameters or {}
     spec = job.spec
     return Hyperparameters(**{name: resolved.get(name) or spec.get(name) for name in OPENAI_HYPERPARAMETERS})
 
 
-def queue_positions(session: Session, jobs: list[Job]) -> dict[str, tuple[int, float | None]]:
+def queue_positions(session: Session, jobs: list[Job | JobFields]) -> dict[str, tuple[int, float | None]]:
     """For each queued job: (its place in its queue, 1 = next; estimated finish) from the plans of the jobs ahead.
 
     Jobs ahead are the running and earlier queued jobs of the same queue, each worker taken to run one at a time:
@@ -303,12 +321,12 @@ def queue_positions(session: Session, jobs: list[Job]) -> dict[str, tuple[int, f
     return found
 
 
-def object_with_position(session: Session, job: Job, project: Project) -> JobObject:
+def object_with_position(session: Session, job: Job | JobFields, project: Project) -> JobObject:
     """The job object, with its queue position and estimated finish when queued."""
     return to_object(job, project, queue_positions(session, [job]).get(job.id))
 
 
-def to_object(job: Job, project: Project, position: tuple[int, float | None] | None = None) -> JobObject:
+def to_object(job: Job | JobFields, project: Project, position: tuple[int, float | None] | None = None) -> JobObject:
     spec = job.spec
     hyper = _hyperparameters(job)
     progress = Progress(**job.progress) if job.progress else None
@@ -335,7 +353,7 @@ def to_object(job: Job, project: Project, position: tuple[int, float | None] | N
     )
 
 
-def _estimated_finish(job: Job, position: tuple[int, float | None] | None) -> int | None:
+def _estimated_finish(job: Job | JobFields, position: tuple[int, float | None] | None) -> int | None:
     if job.status == "running" and job.estimated_finish:
         return int(job.estimated_finish)
     if job.status == "queued" and position and position[1] is not None:

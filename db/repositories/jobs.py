@@ -1,10 +1,13 @@
 """Queries on fine-tuning jobs, their events and checkpoints. Ownership checks live in the callers' filters."""
 
+from collections import namedtuple
+from functools import lru_cache
 from typing import Any, Literal
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, Select, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
+from core.errors import NotFound
 from db.clock import db_epoch
 from db.models import Checkpoint, Job, JobEvent
 from db.repositories.pagination import Page, paginate
@@ -19,6 +22,72 @@ def add(session: Session, row: Job | JobEvent | Checkpoint) -> None:
 
 def get(session: Session, project_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+
+
+# What a job's API object (api/services/jobs.py `to_object`) shows: these columns, and these keys of `result`. The
+# job reads select only them: not the artifacts, leases or idempotency columns, nor the rest of the result (the
+# held-out answers, the library versions), whose JSON would be decoded for nothing.
+OBJECT_COLUMNS = ("id", "created_at", "error", "fine_tuned_model", "finished_at", "hyperparameters", "spec", "model",
+                  "result_files", "seed", "status", "training_file_id", "trained_tokens", "validation_file_id",
+                  "estimated_finish", "user_metadata", "suffix", "progress", "baseline_eval_loss", "final_eval_loss",
+                  "adapter_sha256", "cancel_requested", "pause_requested", "attempts", "resends", "parameters", "plan",
+                  "placement")
+OBJECT_RESULT_KEYS = ("chat_template", "served_eval", "quality", "best_checkpoint")
+
+
+class JobFields(namedtuple("JobFields", (*OBJECT_COLUMNS, "result"))):
+    """A job's OBJECT_COLUMNS as attributes, and `result` with only its OBJECT_RESULT_KEYS: read, never changed."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, row: Row) -> "JobFields":
+        columns = len(OBJECT_COLUMNS)
+        return cls._make((*row[:columns], dict(zip(OBJECT_RESULT_KEYS, row[columns:]))))
+
+
+# Core statements built once, with bound parameters: no ORM identity map for rows that are only read, and no new
+# statement per request (building one of some thirty columns and working out its cache key cost more CPU than
+# running it).
+_jobs = Job.__table__
+_OBJECT_SELECT = select(*(_jobs.c[name] for name in OBJECT_COLUMNS),
+                        *(_jobs.c.result[key] for key in OBJECT_RESULT_KEYS))
+_OBJECT_OF_PROJECT = _OBJECT_SELECT.where(_jobs.c.id == bindparam("job_id"),
+                                          _jobs.c.project_id == bindparam("project_id"))
+_SEQ_OF_PROJECT = select(_jobs.c.seq).where(_jobs.c.id == bindparam("job_id"),
+                                            _jobs.c.project_id == bindparam("project_id"))
+
+
+def get_fields(session: Session, project_id: str, job_id: str) -> JobFields | None:
+    row = session.execute(_OBJECT_OF_PROJECT, {"job_id": job_id, "project_id": project_id}).first()
+    return None if row is None else JobFields.of(row)
+
+
+@lru_cache(maxsize=64)
+def _fields_page_statement(status: bool, after: bool, metadata_keys: tuple[str, ...]) -> Select:
+    stmt = _OBJECT_SELECT.where(_jobs.c.project_id == bindparam("project_id"))
+    if status:
+        stmt = stmt.where(_jobs.c.status == bindparam("status"))
+    for i, key in enumerate(metadata_keys):
+        stmt = stmt.where(_jobs.c.user_metadata[key].as_string() == bindparam(f"metadata_{i}"))
+    if after:
+        stmt = stmt.where(_jobs.c.seq < bindparam("cursor"))
+    return stmt.order_by(_jobs.c.seq.desc()).limit(bindparam("rows"))
+
+
+def fields_page(session: Session, project_id: str, *, after: str | None, limit: int, status: str | None = None,
+                metadata: dict[str, str] | None = None) -> Page[JobFields]:
+    """`page` of JobFields: the same rows, cursor rule and order (db/repositories/pagination.py `paginate`)."""
+    params: dict[str, Any] = {"project_id": project_id, "status": status, "rows": limit + 1}
+    if after:
+        # As `paginate` looks a cursor up: within the project only, so another project's id reads as unknown.
+        params["cursor"] = session.execute(_SEQ_OF_PROJECT, {"job_id": after, "project_id": project_id}).scalar()
+        if params["cursor"] is None:
+            raise NotFound(f"No object with id '{after}' to page after.", param="after")
+    keys = tuple(metadata or {})
+    params.update({f"metadata_{i}": metadata[key] for i, key in enumerate(keys)})
+    rows = session.execute(_fields_page_statement(bool(status), bool(after), keys), params).all()
+    return Page([JobFields.of(row) for row in rows[:limit]], len(rows) > limit)
 
 
 def get_any(session: Session, job_id: str, *, for_update: bool = False) -> Job | None:
