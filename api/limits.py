@@ -16,8 +16,9 @@ import time
 import redis
 from fastapi import Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import SettingsDep, bearer_key
+from api.deps import bearer_key
 from core import routing
 from core.errors import QuotaExceeded, RateLimited
 from core.settings import Settings
@@ -102,12 +103,29 @@ def check_rate(settings: Settings, api_key: str, bucket: str, limit: int) -> Non
                           retry_after=math.ceil(left))
 
 
-def rate_limit(request: Request, settings: SettingsDep) -> None:
-    """Every `/v1` request of an authenticated key; uploads also count against their own, lower limit."""
-    api_key = bearer_key(request) or ""
-    check_rate(settings, api_key, "requests", settings.rate_limit_requests)
+def _count(settings: Settings, api_key: str, buckets: list[tuple[str, int]]) -> None:
+    for bucket, limit in buckets:
+        check_rate(settings, api_key, bucket, limit)
+
+
+async def rate_limit(request: Request) -> None:
+    """Every `/v1` request of an authenticated key; uploads also count against their own, lower limit.
+
+    On a worker thread only when the counters are in Redis: with rate limits off or counted in this process's memory,
+    a request pays no thread hop for them.
+    """
+    settings: Settings = request.app.state.settings
+    buckets = [("requests", settings.rate_limit_requests)]
     if request.method == "POST" and request.url.path.rstrip("/").endswith("/v1/files"):
-        check_rate(settings, api_key, "uploads", settings.rate_limit_uploads)
+        buckets.append(("uploads", settings.rate_limit_uploads))
+    buckets = [(bucket, limit) for bucket, limit in buckets if limit > 0]
+    if not buckets:
+        return
+    api_key = bearer_key(request) or ""
+    if isinstance(counters_for(settings), RedisCounters):
+        await run_in_threadpool(_count, settings, api_key, buckets)
+    else:
+        _count(settings, api_key, buckets)
 
 
 def _refuse(what: str, setting: str, limit: float, unit: str = "") -> QuotaExceeded:
