@@ -14,6 +14,7 @@ and a revocation whose counter bump fails logs a warning: the API processes may 
 entries expire, `CACHE_SECONDS` at most.
 """
 
+import asyncio
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
-from starlette.concurrency import run_in_threadpool
+import redis.asyncio
 
 from core.settings import Settings
 
@@ -66,21 +67,36 @@ class KeyCache:
     """One process's remembered callers, checked against the shared generation on every use."""
 
     def __init__(self, settings: Settings):
-        self.client = _client(settings.broker_url)
+        self.url = settings.broker_url
         self.name = settings.broker_prefix + GENERATION_KEY
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        self._clients: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
 
-    def _generation(self) -> tuple[bool, bytes | None]:
+    def _client(self) -> redis.asyncio.Redis:
+        """The running event loop's client: an asyncio client's connections belong to the loop that opened them.
+
+        A served process runs one loop; tests start one per app, so a closed loop's client is dropped."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            with self._lock:
+                self._clients = {known: c for known, c in self._clients.items() if not known.is_closed()}
+                client = self._clients[loop] = redis.asyncio.Redis.from_url(
+                    self.url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        return client
+
+    async def _generation(self) -> tuple[bool, bytes | None]:
+        """On the event loop, not a worker thread: one GET a request, without a thread hop."""
         try:
-            return True, self.client.get(self.name)
+            return True, await self._client().get(self.name)
         except redis.RedisError as exc:
             log.warning("API key cache off, Redis unavailable: %s", type(exc).__name__)
             return False, None
 
     async def caller(self, digest: str, lookup: Callable[[], Awaitable[object]]) -> object:
         """The caller of the key whose HMAC is `digest`: remembered, or from `lookup()` (which raises a 401)."""
-        reachable, generation = await run_in_threadpool(self._generation)
+        reachable, generation = await self._generation()
         if not reachable:
             return await lookup()
         entry = self._entries.get(digest)
