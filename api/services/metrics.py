@@ -1,8 +1,6 @@
 """`/metrics` in Prometheus' text format: the service's state read from the database at each scrape, and the API's
 request latency measured in this process. docs/operations.md lists every metric and the alerts built on them."""
 
-import time
-
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy.orm import Session
@@ -25,29 +23,10 @@ API_LATENCY = Histogram("lorajobs_api_request_duration_seconds",
                         ["method", "route", "status"])
 
 
-class ApiLatency:
-    """An ASGI middleware that times every HTTP request into API_LATENCY, labelled by its route's template (so
-    `/v1/fine_tuning/jobs/{job_id}` is one series, not one per job); unrouted requests are `unmatched`."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            API_LATENCY.labels(scope["method"], route_template(scope), str(status)).observe(time.perf_counter() - started)
+def observe_request(scope, status: int, seconds: float) -> None:
+    """One answered HTTP request into API_LATENCY (api/main.py `RequestContext` times it), labelled by its route's
+    template (so `/v1/fine_tuning/jobs/{job_id}` is one series, not one per job); unrouted requests are `unmatched`."""
+    API_LATENCY.labels(scope["method"], route_template(scope), str(status)).observe(seconds)
 
 
 def route_template(scope) -> str:
