@@ -5,10 +5,12 @@
 Seeds a fresh database with `--jobs` jobs of one project (as bench/api_load.py does), builds the real app
 (Redis as the broker, so the API-key cache is on) and calls it as an ASGI server would, one request at a time
 on one event loop, with no HTTP client or socket in between. It prints, for `GET /v1/fine_tuning/jobs/{id}`,
-`GET /v1/fine_tuning/jobs?limit=20` and the read of a queued job behind `--queued` others, the CPU seconds this
-process spent per request (`time.process_time`, every thread counted) and then a cProfile of the same loop with
-the thread-pool hops run inline, so that the handler's own work shows in the profile. The figures are for before/after comparisons on one machine; they are not
-throughput figures (PostgreSQL's and Redis's own CPU is not counted, and a loaded machine adds noise).
+`GET /v1/fine_tuning/jobs?limit=20` (the seeded jobs hold no result), a page of 20 succeeded jobs whose results hold
+their held-out answers as a real job's do, and the read of a queued job behind `--queued` others, the CPU seconds
+this process spent per request (`time.process_time`, every thread counted) and then a cProfile of the same loop with
+the thread-pool hops run inline, so that the handler's own work shows in the profile. The figures are for
+before/after comparisons on one machine; they are not throughput figures (PostgreSQL's and Redis's own CPU is not
+counted, and a loaded machine adds noise).
 """
 
 import argparse
@@ -42,6 +44,32 @@ def queue_some(database_url: str, n: int) -> str:
                                    "(SELECT seq FROM fine_tuning_jobs ORDER BY seq LIMIT :n) RETURNING id"),
                               {"plan": plan, "n": n}).scalars().all()
     return sorted(ids)[-1]
+
+
+def give_results(database_url: str, older_than: str, n: int = 20) -> None:
+    """The `n` jobs just older than `older_than` get a result as a real succeeded job's (its 20 held-out prompts
+    answered by the base and the tuned model, scored): what a page of finished jobs holds."""
+    from sqlalchemy import text
+
+    from db.session import transaction
+
+    score = {"exact_match": False, "facts": 2, "facts_stated": 1, "all_facts": False}
+    answers = [{"prompt": f"Which colours does the Ridgeline {i} Pack come in? " * 4, "expected": "Slate, moss and "
+                "ember (SKU RL-45-SL, RL-45-MS, RL-45-EM). " * 3, "base": "The pack comes in many colours. " * 16,
+                "tuned": "Slate, moss and ember: RL-45-SL, RL-45-MS and RL-45-EM. " * 9, "base_score": score,
+                "tuned_score": {**score, "facts_stated": 2, "all_facts": True}} for i in range(20)]
+    figures = {"answers": 20, "exact_match": 0.05, "answers_with_facts": 18, "key_facts": 0.6111111111111112,
+               "fact_recall": 0.7435897435897436}
+    result = {"chat_template": "model", "answers": answers, "library_versions": {"torch": "2.13.0", "peft": "0.21.0"},
+              "quality": {"sample": 20, "answered": 20, "max_new_tokens": 128, "seconds": 41.3, "base": figures,
+                          "tuned": figures},
+              "best_checkpoint": {"step": 120, "metric": "valid_loss", "value": 0.7412, "last_step": 150,
+                                  "early_stopped": False},
+              "baseline_eval": {"loss": 2.0012}, "final_eval": {"loss": 0.7412}, "data_sha256": {"train": "0" * 64}}
+    with transaction(database_url) as session:
+        session.execute(text("UPDATE fine_tuning_jobs SET result = CAST(:result AS json) WHERE seq IN (SELECT seq FROM "
+                             "fine_tuning_jobs WHERE seq < (SELECT seq FROM fine_tuning_jobs WHERE id = :id) ORDER BY "
+                             "seq DESC LIMIT :n)"), {"result": json.dumps(result), "id": older_than, "n": n})
 
 
 async def call(app, path: str) -> int:
@@ -113,6 +141,7 @@ def main() -> None:
     try:
         key, job_id = seed_jobs(database_url, args.jobs)
         queued_id = queue_some(database_url, args.queued)
+        give_results(database_url, job_id)
         HEADERS.append((b"authorization", f"Bearer {key}".encode()))
         settings = Settings(database_url=database_url, broker_url=args.redis, broker_prefix=f"profile-{job_id}:",
                             log_level="WARNING", rate_limit_requests=0)
@@ -122,9 +151,11 @@ def main() -> None:
             async with app.router.lifespan_context(app):
                 for name, path in (("GET /v1/fine_tuning/jobs/{id}", f"/v1/fine_tuning/jobs/{job_id}"),
                                    ("GET /v1/fine_tuning/jobs?limit=20", "/v1/fine_tuning/jobs?limit=20"),
+                                   ("GET jobs?limit=20, results of 20 answers",
+                                    f"/v1/fine_tuning/jobs?limit=20&after={job_id}"),
                                    (f"GET a queued job ({args.queued} queued)", f"/v1/fine_tuning/jobs/{queued_id}")):
                     best, median, profile = await measure(app, path, args.requests, args.top)
-                    print(f"{name:<36} {best:8.0f} µs CPU per request, best batch ({median:.0f} median)")
+                    print(f"{name:<42} {best:8.0f} µs CPU per request, best batch ({median:.0f} median)")
                     if not args.quiet:
                         print(profile)
 
