@@ -2,16 +2,15 @@
 Retry-After in the error envelope — never a 500 — and recovers by itself."""
 
 import os
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
 from db.session import connection_budget_problem
 from tests.api.test_app import assert_envelope
+from tests.helpers.database import app_role
 from tests.stack import ApiServer
 
 ROLE_CONNECTIONS = 2
@@ -20,19 +19,9 @@ ROLE_CONNECTIONS = 2
 @pytest.fixture
 def limited_role_url(pg_url):
     """A database role PostgreSQL lets open only two connections at once: a server out of connection slots."""
-    role = f"lj_limited_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT {ROLE_CONNECTIONS}'))
-        conn.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'))
-        conn.execute(text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
-    scheme, rest = pg_url.split("://", 1)
-    yield f"{scheme}://{role}@{rest.split('@', 1)[1]}"
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
-        conn.execute(text(f'DROP OWNED BY "{role}"'))
-        conn.execute(text(f'DROP ROLE "{role}"'))
-    admin.dispose()
+    with app_role(pg_url, "lj_limited", f"CONNECTION LIMIT {ROLE_CONNECTIONS}") as role:
+        scheme, rest = pg_url.split("://", 1)
+        yield f"{scheme}://{role}@{rest.split('@', 1)[1]}"
 
 
 def test_more_requests_than_connections_get_200_or_503_with_retry_after(settings, limited_role_url, project_key):

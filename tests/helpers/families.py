@@ -268,3 +268,23 @@ def build_family_model(name: str, dest: Path) -> Path:
     )
     model.save_pretrained(dest)
     return dest
+
+
+def sample_rows(tokenizer, n: int = 4) -> list[dict]:
+    """The first `n` sample chats as training rows (input ids and labels) for `tokenizer`."""
+    from core.datasets.formats import to_example
+    from worker.training import tokenize_example
+
+    rows = []
+    for chat in list(SAMPLE_CHATS.values())[:n]:
+        ids, labels = tokenize_example(to_example({"messages": chat}, "chat"), tokenizer, 256, False)
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def loss_and_grads(model, batch) -> tuple[float, list]:
+    """One forward and backward: the loss and a copy of every trainable parameter's gradient."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]

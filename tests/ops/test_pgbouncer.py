@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from sqlalchemy import create_engine, make_url, text
 from db.session import connection_budget_problem
 from tests.api.test_app import assert_envelope
 from tests.stack import ROOT, free_port, settings_env
+from tests.helpers.database import app_role
 
 PGBOUNCER = shutil.which("pgbouncer") or next(
     (path for path in ("/usr/sbin/pgbouncer",) if os.access(path, os.X_OK)), None)
@@ -55,18 +55,8 @@ def pgbouncer_version() -> tuple[int, int]:
 @pytest.fixture
 def bouncer_role(pg_url):
     """A role of its own for PgBouncer's server connections, so the server's count of them is exact."""
-    role = f"lj_bouncer_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-        conn.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'))
-        conn.execute(text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
-    yield role
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
-        conn.execute(text(f'DROP OWNED BY "{role}"'))
-        conn.execute(text(f'DROP ROLE "{role}"'))
-    admin.dispose()
+    with app_role(pg_url, "lj_bouncer") as role:
+        yield role
 
 
 @dataclass

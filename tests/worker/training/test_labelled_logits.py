@@ -4,29 +4,12 @@ same gradients as the model's full-logits loss, packed or padded, on every famil
 import pytest
 import torch
 
-from core.datasets.formats import to_example
 from tests.conftest import FAMILY_ORG
-from tests.helpers.families import FAMILIES, SAMPLE_CHATS
+from tests.helpers.families import FAMILIES, loss_and_grads, sample_rows
 from tests.worker.conftest import tiny_spec
-from worker.training import load_tokenizer, tokenize_example
+from worker.training import load_tokenizer
 from worker.training.data import LabelledLogitsOnly, make_collator, training_collator
 from worker.training.model import attach_adapter, load_base_model
-
-
-def _rows(tokenizer) -> list[dict]:
-    rows = []
-    for chat in list(SAMPLE_CHATS.values())[:4]:
-        ids, labels = tokenize_example(to_example({"messages": chat}, "chat"), tokenizer, 256, False)
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
-def _loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    return loss.item(), grads
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
@@ -37,7 +20,7 @@ def test_labelled_logits_only_gives_the_full_loss_and_gradients(family_catalogue
     spec = tiny_spec(model=model_id, lora={"r": 4, "dropout": 0.0, "target_modules": "all-linear"})
     torch.manual_seed(0)
     model = attach_adapter(load_base_model(spec, family_catalogue, "cpu"), spec)
-    rows = _rows(tokenizer)
+    rows = sample_rows(tokenizer)
     collator = make_collator(packing, tokenizer)
     assert isinstance(training_collator(collator, model), LabelledLogitsOnly)  # every family's forward takes the mask
 
@@ -47,8 +30,8 @@ def test_labelled_logits_only_gives_the_full_loss_and_gradients(family_catalogue
     assert 0 < kept < full_batch["input_ids"].numel()  # prompts are not projected
     assert kept == int((full_batch["labels"][:, 1:] != -100).sum())
 
-    full_loss, full_grads = _loss_and_grads(model, full_batch)
-    selective_loss, selective_grads = _loss_and_grads(model, selective_batch)
+    full_loss, full_grads = loss_and_grads(model, full_batch)
+    selective_loss, selective_grads = loss_and_grads(model, selective_batch)
     assert selective_loss == pytest.approx(full_loss, rel=1e-5)
     for full, selective in zip(full_grads, selective_grads, strict=True):
         torch.testing.assert_close(selective, full, rtol=1e-4, atol=1e-6)

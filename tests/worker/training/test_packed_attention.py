@@ -4,29 +4,13 @@ SDPA over the dense block-diagonal mask, on every family, and the training run u
 import pytest
 import torch
 
-from core.datasets.formats import to_example
 from tests.conftest import FAMILY_ORG
-from tests.helpers.families import FAMILIES, SAMPLE_CHATS
+from tests.helpers.families import FAMILIES, loss_and_grads, sample_rows
 from tests.worker.conftest import tiny_spec
-from worker.training import load_tokenizer, tokenize_example
+from worker.training import load_tokenizer
 from worker.training.attention import BOUNDARY_KEY, PACKED_SDPA, _window_mask, add_boundaries, packed_sdpa_forward
 from worker.training.data import LabelledLogitsOnly, make_collator, training_collator
 from worker.training.model import attach_adapter, load_base_model
-
-
-def _rows(tokenizer) -> list[dict]:
-    rows = []
-    for chat in list(SAMPLE_CHATS.values())[:4]:
-        ids, labels = tokenize_example(to_example({"messages": chat}, "chat"), tokenizer, 256, False)
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
-def _loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
 def test_boundaries_are_where_positions_restart():
@@ -44,8 +28,8 @@ def test_packed_attention_gives_the_dense_mask_loss_and_gradients(family_catalog
     torch.manual_seed(0)
     model = attach_adapter(load_base_model(spec, family_catalogue, "cpu"), spec)
     collator = make_collator(True, tokenizer)
-    rows = _rows(tokenizer)
-    dense_loss, dense_grads = _loss_and_grads(model, LabelledLogitsOnly(collator)([dict(r) for r in rows]))
+    rows = sample_rows(tokenizer)
+    dense_loss, dense_grads = loss_and_grads(model, LabelledLogitsOnly(collator)([dict(r) for r in rows]))
 
     seen = []
     from transformers import AttentionInterface
@@ -57,7 +41,7 @@ def test_packed_attention_gives_the_dense_mask_loss_and_gradients(family_catalog
     try:
         switched = use_packed_attention(model)
         batch = training_collator(collator, model)([dict(r) for r in rows])
-        packed_loss, packed_grads = _loss_and_grads(model, batch)
+        packed_loss, packed_grads = loss_and_grads(model, batch)
     finally:
         AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
     if switched:
