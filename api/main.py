@@ -60,11 +60,21 @@ class RequestContext:
             request_id_var.reset(token)
 
 
+THREADS_BEYOND_POOL = 8  # worker threads for requests that hold no database slot (uploads, storage, the gate)
+
+
 def connection_budget(settings: Settings):
-    """A lifespan that gives the process `db_pool_size` database slots (api/deps.py `database_slot`)."""
+    """A lifespan that gives the process `db_pool_size` database slots (api/deps.py `database_slot`), and at least
+    as many worker threads plus some: a request holding a slot needs a thread to use its connection. With fewer
+    threads than slots (a pool above anyio's default 40, as behind PgBouncer), requests that held threads while
+    they waited for a server connection starved those that held one, and the process stalled."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import anyio.to_thread
+
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.db_pool_size + THREADS_BEYOND_POOL)
         app.state.db_slots = asyncio.Semaphore(settings.db_pool_size)
         yield
 
