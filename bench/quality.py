@@ -7,7 +7,11 @@ delivered adapter, reloaded on the full-precision base as a server would, answer
 beside the base (worker/training/answers.py), scored by core/quality.py. General questions are scored apart:
 they show whether answering outside the domain survives.
 
-    .venv/bin/python bench/quality.py --datasets facts --configs old,new,lr,qv --products 4 --json test-output/quality.json
+    .venv/bin/python bench/quality.py --datasets facts --configs old,defaults --products 4 --json test-output/quality.json
+
+`--extra NAME='{"n_epochs": 20, ...}'` adds a configuration of spec fields (quantization is `none` unless given).
+`--curve K` keeps every epoch's checkpoint and also answers with every K-th one (and the last), so one run shows
+how held-out loss and stated facts move with training; the held-out loss of every epoch is recorded in any case.
 
 The machine is slow and shared: one run per configuration, so read small differences as noise.
 """
@@ -27,47 +31,116 @@ from core.quality import summarize  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
 from examples.make_quality_datasets import GENERAL, write  # noqa: E402
 
-# Both plain LoRA on this CPU (QLoRA's 4-bit path is slower here and the rules under test are the same): `old` is
-# every other setting at its default before issue 15; `new` the candidate rules for small datasets.
+# All plain LoRA on this CPU (QLoRA's 4-bit path is slower here and the rules under test are the same). `old` is
+# what every default resolved to before the small-dataset rules of issue 15, for any n from 34 to 199 training
+# examples (every dataset here): 3 epochs, batch 1, learning rate 1e-4, r 16 on q/v, no early stopping; `defaults`
+# is every setting at today's default; the others are the configurations measured in docs/benchmarks.md.
+ALL_LINEAR = {"r": 16, "target_modules": "all-linear"}
+QV = {"r": 16, "target_modules": "attention-qv"}
 CONFIGS = {
-    "old": {"quantization": "none", "early_stopping_patience": None},
-    "new": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3,
-            "lora": {"r": 16, "target_modules": "all-linear"}},
+    "old": {"quantization": "none", "early_stopping_patience": None, "n_epochs": 3, "batch_size": 1,
+            "learning_rate": 1e-4, "lora": QV},
+    "defaults": {"quantization": "none"},
+    "new": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3, "lora": ALL_LINEAR},
     # Ablation: only the batch and the learning rate of `new` (epochs and q/v targets as `old`).
-    "lr": {"quantization": "none", "batch_size": 8, "learning_rate": 1e-3},
-    # Ablation: `new` without all-linear targets (r 16 on q/v, as `old`).
-    "qv": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3},
+    "lr": {"quantization": "none", "n_epochs": 3, "batch_size": 8, "learning_rate": 1e-3, "lora": QV},
+    # Ablation: `new` without all-linear targets.
+    "qv": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3, "lora": QV},
+    # Many more passes, batch and learning rate by the `auto` rule; early stopping off to see the whole curve.
+    "e20-auto": {"quantization": "none", "n_epochs": 20, "early_stopping_patience": None, "lora": ALL_LINEAR},
+    # The same with `new`'s batch and learning rate.
+    "e20-b8": {"quantization": "none", "n_epochs": 20, "batch_size": 8, "learning_rate": 1e-3,
+               "early_stopping_patience": None, "lora": ALL_LINEAR},
+    # Many passes on q/v only, early stopping on: what all-linear adds.
+    "qv-e21": {"quantization": "none", "n_epochs": 21, "lora": QV},
+    # For --products 12: 7 epochs (as many presentations of each fact as `e20-*` at epoch 7) at `new`'s rate.
+    "p12-e7-b8": {"quantization": "none", "n_epochs": 7, "batch_size": 8, "learning_rate": 1e-3, "lora": ALL_LINEAR},
 }
 MAX_NEW_TOKENS = 32
 
 
-def run(name: str, config: str, train_file: Path, valid_file: Path, models_dir: Path, out: Path) -> dict:
+def by_part(rows: list[dict], sides: tuple[str, ...] = ("base", "tuned")) -> dict:
+    """Scores over the domain prompts and over the general questions, apart."""
+    general = {question for question, _ in GENERAL}
+    parts = {}
+    for part, keep in (("domain", lambda r: r["prompt"] not in general), ("general", lambda r: r["prompt"] in general)):
+        kept = [r for r in rows if keep(r)]
+        if kept:
+            parts[part] = {side: summarize([r[f"{side}_score"] for r in kept]) for side in sides}
+    return parts
+
+
+def answer_checkpoints(checkpoints: list[Path], models_dir: Path, tokenizer, prompts) -> list[dict]:
+    """The tuned answers of each checkpoint's adapter, on a fresh full-precision base, scored by part."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core.quality import score_answer
+    from worker.catalogue import SMOLLM2_ID, model_source
+    from worker.training.answers import GENERATION_BATCH, generate_answers
+
+    curve = []
+    for checkpoint in checkpoints:
+        base = AutoModelForCausalLM.from_pretrained(model_source(models_dir, SMOLLM2_ID), dtype="auto")
+        model = PeftModel.from_pretrained(base, checkpoint).eval()
+        rows = []
+        for at in range(0, len(prompts), GENERATION_BATCH):
+            batch = prompts[at:at + GENERATION_BATCH]
+            for prompt, answer in zip(batch, generate_answers(model, tokenizer, batch, MAX_NEW_TOKENS)):
+                rows.append({"prompt": prompt.prompt, "tuned": answer,
+                             "tuned_score": score_answer(answer, prompt.expected, prompt.prompt)})
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        curve.append({"step": state["global_step"], "epoch": round(state["epoch"], 2),
+                      "quality": by_part(rows, ("tuned",)), "answers": rows})
+        print(json.dumps({k: v for k, v in curve[-1].items() if k != "answers"}), flush=True)
+    return curve
+
+
+def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file: Path, models_dir: Path, out: Path,
+        curve_every: int | None = None) -> dict:
     from worker.catalogue import SMOLLM2_ID
-    from worker.training import train
+    from worker.training import TrainingHooks, train
     from worker.training.answers import answer_side_by_side, sample_prompts
     from worker.training.data import read_examples
     from worker.training.model import adapter_tokenizer, load_adapter_model
 
-    spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=0, answer_samples=0, **CONFIGS[config])
+    fields = {"quantization": "none"} | spec_fields
+    if curve_every:
+        fields["save_total_limit"] = None  # keep every epoch's checkpoint (up to the cap) to answer with them
+    spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=0, answer_samples=0, **fields)
+    evaluations = []
+
+    def progress(p: dict) -> None:  # a line now and then: runs here take many minutes
+        if p["step"] % 20 == 0:
+            print(f"{name}/{config}: step {p['step']}/{p['total_steps']} loss {p['loss']:.3f}", file=sys.stderr, flush=True)
+
+    def evaluated(m: dict) -> None:
+        if "valid_loss" in m:
+            evaluations.append(m)
+            print(f"{name}/{config}: step {m['step']} valid_loss {m['valid_loss']:.4f}", file=sys.stderr, flush=True)
+
+    hooks = TrainingHooks(on_metrics=evaluated, on_progress=progress)
     started = time.monotonic()
-    result = train(spec, train_file, valid_file, out, models_dir=models_dir)
+    result = train(spec, train_file, valid_file, out, hooks, models_dir=models_dir)
     model = load_adapter_model(result.adapter_dir, models_dir)
     tokenizer = adapter_tokenizer(result.adapter_dir, models_dir)
     prompts = sample_prompts(read_examples(valid_file), 10_000, seed=0)
     answered = answer_side_by_side(model, tokenizer, prompts, MAX_NEW_TOKENS, budget_seconds=float("inf"))
-    general = {question for question, _ in GENERAL}
-    by_part = {}
-    for part, keep in (("domain", lambda r: r["prompt"] not in general), ("general", lambda r: r["prompt"] in general)):
-        rows = [r for r in answered["answers"] if keep(r)]
-        if rows:
-            by_part[part] = {side: summarize([r[f"{side}_score"] for r in rows]) for side in ("base", "tuned")}
+    seconds = round(time.monotonic() - started, 1)
+    curve = None
+    if curve_every:
+        checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        chosen = [c for i, c in enumerate(checkpoints, 1) if i % curve_every == 0 or i == len(checkpoints)]
+        curve = answer_checkpoints(chosen, models_dir, tokenizer, prompts)
     return {
-        "dataset": name, "config": config, "spec": CONFIGS[config], "hyperparameters": result.hyperparameters,
+        "dataset": name, "config": config, "spec": spec_fields, "hyperparameters": result.hyperparameters,
+        "trainable_parameters": result.parameters["trainable_parameters"],
         "steps": result.steps, "total_steps": result.total_steps, "best_checkpoint": result.best_checkpoint,
         "baseline_loss": result.baseline_eval["loss"], "final_loss": result.final_eval["loss"],
-        "train_seconds": result.train_seconds, "seconds": round(time.monotonic() - started, 1),
-        "answer_seconds": answered["quality"]["seconds"], "quality": by_part,
-        "answers": answered["answers"],
+        "train_seconds": result.train_seconds, "seconds": seconds,
+        "answer_seconds": answered["quality"]["seconds"], "quality": by_part(answered["answers"]),
+        "evaluations": [{"step": m["step"], "valid_loss": round(m["valid_loss"], 4)} for m in evaluations],
+        "curve": curve, "answers": answered["answers"],
     }
 
 
@@ -78,7 +151,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("test-output/quality.json"))
     parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each)")
     parser.add_argument("--models-dir", type=Path, help="a catalogue already holding SmolLM2 (else converted afresh)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
+                        help="another configuration: spec fields as JSON (repeatable; run after --configs)")
+    parser.add_argument("--curve", type=int, metavar="K", help="also answer with every K-th epoch's checkpoint")
+    parser.add_argument("--threads", type=int, help="torch threads (two runs side by side: 1 each)")
     args = parser.parse_args()
+    configs = {name: CONFIGS[name] for name in args.configs.split(",") if name}
+    for extra in args.extra:
+        name, _, fields = extra.partition("=")
+        configs[name] = json.loads(fields)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from worker.catalogue import install_smollm2
 
     work = Path(tempfile.mkdtemp(prefix="lorajobs-quality-"))
@@ -88,9 +173,9 @@ def main() -> None:
     runs = []
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.datasets.split(","):
-        for config in args.configs.split(","):
-            runs.append(run(name, config, *files[name], models_dir, work / f"{name}-{config}"))
-            line = {k: v for k, v in runs[-1].items() if k != "answers"}
+        for config, fields in configs.items():
+            runs.append(run(name, config, fields, *files[name], models_dir, work / f"{name}-{config}", args.curve))
+            line = {k: v for k, v in runs[-1].items() if k not in ("answers", "curve")}
             print(json.dumps(line), flush=True)
             args.json.write_text(json.dumps({"runs": runs, "load_average": os.getloadavg()}, indent=2))
 
