@@ -15,7 +15,9 @@ TargetPreset = Literal["attention-qv", "attention", "all-linear"]
 
 BASE_LEARNING_RATE = 2e-4  # the QLoRA paper's rate for models up to 13B; proven on SmolLM2 here
 DEFAULT_MICRO_BATCH_SIZE = 8
-MIN_TRAINED_EXAMPLES = 100  # auto epochs train at least this many examples in total (OpenAI's rule)
+# Auto epochs train at least this many examples in total: a small fact set is only learnt after many passes (measured
+# in docs/benchmarks.md, "Quality"); it is what 3 epochs of 1,000 examples train, so no small set costs more than that.
+MIN_TRAINED_EXAMPLES = 3_000
 MAX_TRAINED_EXAMPLES = 25_000
 DEFAULT_EPOCHS = 3
 MAX_AUTO_EPOCHS = 25
@@ -48,10 +50,11 @@ class LoraSpec(BaseModel):
     )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input during training.")
     target_modules: list[str] | TargetPreset = Field(
-        "attention-qv",
+        "all-linear",
         description=(
             "Layers that get an adapter: module names, or a preset resolved per architecture — `attention-qv` "
-            "(query and value projections), `attention` (all attention projections), `all-linear`."
+            "(query and value projections), `attention` (all attention projections), `all-linear` (attention and "
+            "MLP; the default: small fact sets are only learnt with the MLP adapted, docs/job-spec.md)."
         ),
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) (opt-in).")

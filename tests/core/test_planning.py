@@ -110,9 +110,9 @@ def test_llama_2_7b_lora_r8_on_q_and_v_is_the_published_count():
 
 
 def test_rslora_changes_no_count_and_dora_adds_one_magnitude_per_output():
-    plain = _counts(LLAMA_2_7B, LoraSpec(r=8))
-    assert _counts(LLAMA_2_7B, LoraSpec(r=8, use_rslora=True)) == plain
-    assert _counts(LLAMA_2_7B, LoraSpec(r=8, use_dora=True))[0] == plain[0] + 32 * 2 * 4096
+    plain = _counts(LLAMA_2_7B, LoraSpec(r=8, target_modules="attention-qv"))
+    assert _counts(LLAMA_2_7B, LoraSpec(r=8, target_modules="attention-qv", use_rslora=True)) == plain
+    assert _counts(LLAMA_2_7B, LoraSpec(r=8, target_modules="attention-qv", use_dora=True))[0] == plain[0] + 32 * 2 * 4096
 
 
 def test_multimodal_counts_the_language_model_and_estimates_the_vision_tower():
@@ -133,7 +133,7 @@ def test_multimodal_counts_the_language_model_and_estimates_the_vision_tower():
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
             "gemma3", text_config=config["text_config"], vision_config=config["vision_config"]))
     language = sum(p.numel() for name, p in model.named_parameters() if "language_model" in name)
-    lora = LoraSpec(r=8)
+    lora = LoraSpec(r=8, target_modules="attention-qv")
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=resolve_targets(config, "attention-qv").modules))
     trainable, total = peft_model.get_nb_trainable_parameters()
 
@@ -248,9 +248,10 @@ def test_token_statistics_give_tokens_steps_and_a_duration_per_class():
              "mean": 350.0, "p95": 800, "max": 1500, "truncated": 0, "no_trainable_after_truncation": 0}
     plan = make_plan(LLAMA_2_7B, JobSpec(model="llama-2-7b", max_seq_length=1024), token_stats=stats,
                      n_examples=900, gpu_classes=GPUS)
-    assert (plan.n_epochs, plan.batch_size) == (3, 8)  # resolve_auto's rules for 900 examples
-    assert plan.steps == 3 * 113
-    assert plan.training_tokens == 3 * 900 * 350
+    # resolve_auto's rules for 900 examples: 3 epochs would train fewer than 3,000 examples, so 4
+    assert (plan.n_epochs, plan.batch_size) == (4, 8)
+    assert plan.steps == 4 * 113
+    assert plan.training_tokens == 4 * 900 * 350
     assert plan.longest_example == 1024  # the 1,500-token example is truncated
     durations = [c.duration_seconds for c in plan.classes]
     assert all(d > 0 for d in durations)
@@ -322,7 +323,7 @@ def test_the_cpu_is_a_class_of_its_own_and_comes_after_the_gpus():
     smollm2 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
                "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
     spec = JobSpec(model="HuggingFaceTB/SmolLM2-135M-Instruct", quantization="none", max_seq_length=128,
-                   batch_size=8, lora={"r": 8})
+                   batch_size=8, lora={"r": 8, "target_modules": "attention-qv"})
     cpu = parse_gpu_classes("cpu:24")
     plan = make_plan(smollm2, spec, gpu_classes=cpu + GPUS[:1])
     assert plan.smallest_fitting_class == "gpu-24g"
@@ -400,7 +401,7 @@ def _saved_bytes_per_block(quantization: str, examples: int, length: int) -> flo
 def test_a_block_s_activations_are_what_autograd_keeps(quantization, examples):
     """The per-block formula against saved-tensor hooks (CPU, bf16 autocast, no dropout: CUDA's mask differs)."""
     shape = model_shape(SMALL_BLOCK)
-    adapter = adapter_counts(shape, SMALL_BLOCK, LoraSpec(r=8, dropout=0.0))
+    adapter = adapter_counts(shape, SMALL_BLOCK, LoraSpec(r=8, dropout=0.0, target_modules="attention-qv"))
     length = 128 // examples
     setup = TrainingSetup(device="cuda", quantization=quantization, double_quant=True, optimizer="adamw_torch",
                           gradient_checkpointing=False, tokens=128, sequence=128, masked=examples > 1,

@@ -111,8 +111,9 @@ def test_sign_in_upload_train_watch_and_download(stack, settings, new_page, tmp_
     assert seen[-1][1] == 100 and chart_points(page) == expected >= max(points for _, points in running)
     expect(page.locator("#loss-chart circle.pt.valid")).not_to_have_count(0)
     expect(page.locator("#job-evals")).to_contain_text("Eval loss before training")
-    # r=4 on q_proj (64->64) and v_proj (64->32) of 2 layers: 2 * 4 * (128 + 96) trained weights.
-    expect(page.locator("#job-evals")).to_contain_text(re.compile(r"Trainable parameters\s*1,792 of [\d,]+ \(\d"))
+    # r=4 on every linear layer (the default) of 2 layers: q, o (64->64), k, v (64->32), gate, up (64->128) and
+    # down (128->64): 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192) trained weights.
+    expect(page.locator("#job-evals")).to_contain_text(re.compile(r"Trainable parameters\s*8,192 of [\d,]+ \(\d"))
     expect(page.locator("#job-settings")).to_contain_text("auto: largest divisor of batch_size 2")
     expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
 
@@ -213,8 +214,8 @@ def test_check_the_plan_before_creating_and_see_it_on_the_job_page(stack, settin
                   save_steps="60")
     page.get_by_role("button", name="Check plan").click()
     plan = page.locator("#job-plan")
-    # r=4 on q_proj (64->64) and v_proj (64->32) of 2 layers: 2 * 4 * (128 + 96) trained weights, exactly.
-    expect(plan).to_contain_text(re.compile(r"1,792 trainable of [\d,]+ parameters"))
+    # r=4 on every linear layer (the default) of 2 layers: 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192), exactly.
+    expect(plan).to_contain_text(re.compile(r"8,192 trainable of [\d,]+ parameters"))
     expect(plan.locator("tr", has_text="cpu")).to_contain_text("yes")
     expect(plan).to_contain_text("Smallest class that fits: gpu-24g")
     expect(page.get_by_label("LoRA rank r")).to_have_value("4")  # the form keeps what was typed
@@ -223,7 +224,7 @@ def test_check_the_plan_before_creating_and_see_it_on_the_job_page(stack, settin
 
     page.get_by_role("button", name="Create job").click()
     expect(page).to_have_url(re.compile(r"/jobs/ftjob-"))
-    expect(page.locator("#job-plan")).to_contain_text(re.compile(r"1,792 trainable of [\d,]+ parameters"))
+    expect(page.locator("#job-plan")).to_contain_text(re.compile(r"8,192 trainable of [\d,]+ parameters"))
     expect(page.locator("#job-plan")).to_contain_text("trains on queue gpu")
     watch_until_finished(page)
     expect(page.locator("#job-plan")).to_contain_text(re.compile(r"Peak memory measured: [\d.]+ GiB on cpu"))

@@ -19,7 +19,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def tiny_spec(**overrides) -> JobSpec:
     """A plain-LoRA spec for the tiny model that trains 5 steps on 20 examples in about a second."""
     fields = dict(model=TINY, quantization="none", n_epochs=1, batch_size=4, learning_rate=1e-2, seed=0,
-                  lora={"r": 8, "dropout": 0.1}, max_seq_length=128)
+                  lora={"r": 8, "dropout": 0.1, "target_modules": "attention-qv"}, max_seq_length=128)
     fields.update(overrides)
     return JobSpec(**fields)
 

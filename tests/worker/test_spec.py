@@ -15,10 +15,10 @@ def refused_fields(**fields) -> list[str]:
     return [".".join(map(str, e["loc"])) for e in error.value.errors()]
 
 
-def test_defaults_are_qlora_nf4_on_attention_qv():
+def test_defaults_are_qlora_nf4_on_all_linear_layers():
     spec = JobSpec(model="tiny/llama")
     assert (spec.quantization, spec.double_quant, spec.compute_dtype) == ("nf4", True, "auto")
-    assert (spec.lora.r, spec.lora.effective_alpha, spec.lora.target_modules) == (16, 32, "attention-qv")
+    assert (spec.lora.r, spec.lora.effective_alpha, spec.lora.target_modules) == (16, 32, "all-linear")
     assert spec.packing and not spec.train_on_inputs
     assert (spec.n_epochs, spec.batch_size, spec.learning_rate_multiplier) == ("auto", "auto", "auto")
 
@@ -61,7 +61,8 @@ def test_openai_style_body_round_trips_through_json():
 
 
 @pytest.mark.parametrize(("n", "epochs", "batch", "micro"), [
-    (20, 5, 1, 1), (200, 3, 2, 2), (1000, 3, 8, 8), (3000, 3, 16, 8), (20_000, 1, 64, 8),
+    (20, 25, 1, 1), (48, 25, 1, 1), (144, 21, 1, 1), (200, 15, 2, 2), (1000, 3, 8, 8), (3000, 3, 16, 8),
+    (20_000, 1, 64, 8),
 ])
 def test_auto_values_follow_the_written_rule(n, epochs, batch, micro):
     hp = resolve_auto(JobSpec(model="m"), n)
@@ -69,6 +70,13 @@ def test_auto_values_follow_the_written_rule(n, epochs, batch, micro):
     assert hp.gradient_accumulation_steps * hp.micro_batch_size == hp.batch_size
     assert set(hp.auto_rules) == {"n_epochs", "batch_size", "micro_batch_size", "learning_rate_multiplier"}
     assert str(n) in hp.auto_rules["n_epochs"] and str(n) in hp.auto_rules["batch_size"]
+
+
+def test_small_datasets_train_at_least_3000_examples_and_the_rule_says_so():
+    hp = resolve_auto(JobSpec(model="m"), 144)  # a catalogue of 48 facts asked 3 ways
+    assert hp.n_epochs * 144 >= 3000 and (hp.n_epochs - 1) * 144 < 3000
+    assert hp.auto_rules["n_epochs"] == "144 examples × 3 < 3000: ceil(3000/144) capped at 25 = 21"
+    assert resolve_auto(JobSpec(model="m"), 1000).n_epochs == 3  # no small set trains more than 3 epochs of 1,000
 
 
 def test_auto_learning_rate_scales_with_the_square_root_of_the_batch():
