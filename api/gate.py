@@ -18,20 +18,18 @@ runs first, from the headers alone:
 import logging
 
 import sqlalchemy.exc
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from api.dashboard import session as cookies
 from api.dashboard.auth import signed_in_caller
-from api.deps import bearer_key, database_slot_of
+from api.deps import bearer_key, in_transaction
 from api.errors import BUSY_MESSAGE, error_response
 from api.services import key_cache
 from api.services.projects import Caller, authenticate, hash_key
 from core.errors import DatabaseBusy, LorajobsError, PayloadTooLarge, PermissionDenied
 from core.settings import Settings
-from db.session import transaction
 
 log = logging.getLogger("lorajobs.api")
 
@@ -129,14 +127,7 @@ class Gate:
 
     async def _in_database(self, scope, function, *args) -> Caller | None:
         """`function(session, *args)` in a short transaction of its own, on one of the process's database slots."""
-        app = scope["app"]
-
-        def run():
-            with transaction(self.settings.database_url, app.state.pool) as session:
-                return function(session, *args)
-
-        async with database_slot_of(app):
-            return await run_in_threadpool(run)
+        return await in_transaction(scope["app"], function, *args)
 
     async def _counted(self, scope, receive, send, limit: int, setting: str, upload: bool) -> None:
         received, exceeded, started = 0, False, False
