@@ -18,7 +18,7 @@ from api.services.metrics import observe_request
 from core.logging import configure_logging, request_id_var
 from core.settings import Settings, get_settings
 from core.storage import get_storage
-from db.session import PoolConfig
+from db.session import ConnectOptions, PoolConfig
 
 log = logging.getLogger("lorajobs.api")
 
@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=connection_budget(settings),
     )
     app.state.settings = settings
-    app.state.pool = PoolConfig(settings.db_pool_size, settings.db_pool_timeout)
+    # How connections open comes from these settings too, not only from the environment's.
+    app.state.pool = PoolConfig(settings.db_pool_size, settings.db_pool_timeout, ConnectOptions.from_settings(settings))
     app.state.storage = get_storage(settings)
     install_error_handlers(app)
 

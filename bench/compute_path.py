@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         print(f"{mode}: the worker's probe chooses {path.choice}; fastest here: {fastest}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": tt.machine_facts(), "summary": summary, "probe": probe,
+        args.json.write_text(json.dumps({"machine": tt.machine_facts(tt.parse_args(child_argv)), "summary": summary, "probe": probe,
                                          "runs": runs}, indent=2) + "\n")
 
 

@@ -233,7 +233,7 @@ def child_main(args) -> None:
 
 # ---- the parent: machine facts, interleaving, summary ----
 
-def machine_facts() -> dict:
+def machine_facts(args) -> dict:
     import torch
 
     cpu, flags = platform.processor(), []
@@ -246,8 +246,7 @@ def machine_facts() -> dict:
         pass
     from worker.training.compute import compute_path
 
-    paths = {mode: compute_path(spec_for(argparse.Namespace(batch_size=8, learning_rate=1e-3, max_seq_length=1024),
-                                         "nf4" if mode == "qlora" else "none"), "cpu").description()
+    paths = {mode: compute_path(spec_for(args, "nf4" if mode == "qlora" else "none"), "cpu").description()
              for mode in ("lora", "qlora")}
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -350,7 +349,7 @@ def main(argv=None) -> None:
     children = [f"{d}:{m}:{v}" for d in args.datasets.split(",") for m in args.modes.split(",")
                 for v in args.variants.split(",") if v != "b2" or (m, d) == ("lora", "demo")]  # b2: a reference
     runs: dict[str, list[dict]] = {c: [] for c in children}
-    machine = machine_facts()
+    machine = machine_facts(args)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)

@@ -7,10 +7,9 @@ from typing import Any, Literal
 from sqlalchemy import Row, Select, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import NotFound
 from db.clock import db_epoch
 from db.models import Checkpoint, Job, JobEvent
-from db.repositories.pagination import Page, paginate
+from db.repositories.pagination import Page, paginate, unknown_cursor
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -83,7 +82,7 @@ def fields_page(session: Session, project_id: str, *, after: str | None, limit: 
         # As `paginate` looks a cursor up: within the project only, so another project's id reads as unknown.
         params["cursor"] = session.execute(_SEQ_OF_PROJECT, {"job_id": after, "project_id": project_id}).scalar()
         if params["cursor"] is None:
-            raise NotFound(f"No object with id '{after}' to page after.", param="after")
+            raise unknown_cursor(after)
     keys = tuple(metadata or {})
     params.update({f"metadata_{i}": metadata[key] for i, key in enumerate(keys)})
     rows = session.execute(_fields_page_statement(bool(status), bool(after), keys), params).all()

@@ -38,8 +38,13 @@ def paginate(
         lookup = select(model.seq).where(model.id == after)
         cursor = session.scalar(lookup if scope is None else lookup.where(scope))
         if cursor is None:
-            raise NotFound(f"No object with id '{after}' to page after.", param="after")
+            raise unknown_cursor(after)
         stmt = stmt.where(model.seq < cursor if order == "desc" else model.seq > cursor)
     stmt = stmt.order_by(model.seq.desc() if order == "desc" else model.seq.asc()).limit(limit + 1)
     rows = list(session.scalars(stmt))
     return Page(rows[:limit], len(rows) > limit)
+
+
+def unknown_cursor(after: str) -> NotFound:
+    """The answer to an `after` cursor that names no object the caller can see."""
+    return NotFound(f"No object with id '{after}' to page after.", param="after")

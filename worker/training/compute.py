@@ -113,13 +113,9 @@ def measured_cpu_path(quantized: bool) -> ComputePath:
     """Time each candidate on this CPU (about a second, once per process) and choose."""
     import torch
 
-    threads = torch.get_num_threads()
     candidates, make = (QUANTIZED_CANDIDATES, _quantized_step) if quantized else (PLAIN_CANDIDATES, _plain_step)
-    try:
-        with torch.random.fork_rng():  # the probe's random inputs must not move the job's seeded stream
-            seconds = {name: _best_of(make(name)) for name in candidates}
-    finally:
-        torch.set_num_threads(threads)
+    with torch.random.fork_rng():  # the probe's random inputs must not move the job's seeded stream
+        seconds = {name: _best_of(make(name)) for name in candidates}
     return ComputePath("cpu", quantized, choose(seconds), "measured", seconds)
 
 
