@@ -125,7 +125,7 @@ class OptimizationSection(BaseModel):
     )
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass (less memory, about a third more compute); "
-        "null: as the job's plan chooses for its GPU class. 4-bit bases are always checkpointed."
+        "null: as the job's plan chooses for its GPU class (off wherever the micro-batch fits without it)."
     )
     learning_rate: float | None = Field(
         None, gt=0.0, le=1.0, description="Explicit peak learning rate; excludes learning_rate_multiplier."
@@ -201,11 +201,6 @@ class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection)
                     "JobSpec", "micro_batch_size", self.micro_batch_size,
                     f"must divide batch_size ({self.batch_size}) exactly",
                 )
-        if self.quantization != "none" and self.gradient_checkpointing is False:
-            raise _refuse(
-                "JobSpec", "gradient_checkpointing", False,
-                "4-bit bases are always checkpointed (prepare_model_for_kbit_training); use quantization 'none'",
-            )
         if self.quantization == "none" and self.compute_dtype == "float16":
             raise _refuse(
                 "JobSpec", "compute_dtype", self.compute_dtype,

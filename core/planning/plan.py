@@ -121,11 +121,8 @@ def _plan_class(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, hp: Re
                 gpu: GpuClass, lengths: Lengths, training_tokens: int | None) -> ClassPlan:
     """The largest micro-batch that fits, without gradient checkpointing if any does (it costs a third forward)."""
     candidates = _micro_batch_candidates(hp)
-    # The worker always checkpoints 4-bit models (prepare_model_for_kbit_training); a spec may fix the choice.
-    if spec.quantization != "none":
-        modes = [True]
-    else:
-        modes = [spec.gradient_checkpointing] if spec.gradient_checkpointing is not None else [False, True]
+    # 4-bit or not, recomputing activations only pays where memory needs it; a spec may fix the choice.
+    modes = [spec.gradient_checkpointing] if spec.gradient_checkpointing is not None else [False, True]
     options = [(micro, checkpointing) for checkpointing in modes for micro in candidates]
     capacity = gpu.memory_gib * GIB
     for micro, checkpointing in options:
@@ -216,7 +213,7 @@ def _notes(shape: ModelShape, spec: JobSpec, hp: ResolvedHyperparameters, length
         if plan.micro_batch_size < hp.micro_batch_size:
             notes.append(f"{plan.name}: micro-batch {plan.micro_batch_size} instead of {hp.micro_batch_size}; "
                          f"{plan.gradient_accumulation_steps} accumulation steps keep the batch of {hp.batch_size}.")
-        if plan.gradient_checkpointing and spec.quantization == "none":
+        if plan.gradient_checkpointing and spec.gradient_checkpointing is None:
             notes.append(f"{plan.name}: fits only with gradient checkpointing.")
         headroom = plan.memory_gib - plan.memory.peak / GIB
         if headroom < TIGHT_HEADROOM * plan.memory_gib:

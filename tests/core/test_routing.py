@@ -141,6 +141,18 @@ def test_a_spec_s_gradient_checkpointing_is_what_the_plan_and_the_class_use():
     assert placed[False]["class"] != "gpu-24g" and placed[False]["gradient_checkpointing"] is False
 
 
-def test_a_4_bit_job_cannot_turn_checkpointing_off():
-    with pytest.raises(ValueError, match="always checkpointed"):
-        _spec(quantization="nf4", gradient_checkpointing=False)
+def test_a_4_bit_job_recomputes_activations_only_where_memory_needs_it():
+    stats = {"count": 1000, "mean": 3000.0, "p95": 4096, "max": 4096}
+    settings = Settings(gpu_classes=CLASSES)
+    placed, plans = {}, {}
+    for choice in (None, False):
+        spec = _spec(quantization="nf4", max_seq_length=4096, gradient_checkpointing=choice)
+        plan = make_plan(LLAMA_2_7B, spec, token_stats=stats, gpu_classes=configured_classes(settings))
+        plans[choice], placed[choice] = {c.name: c for c in plan.classes}, place(settings, spec, plan)
+    # QLoRA 7B at 4,096 tokens: 24 and 48 GB need recomputed activations, 80 GB and up train without them.
+    assert [plans[None][n].gradient_checkpointing for n in ("gpu-24g", "gpu-48g", "gpu-80g", "gpu-141g")] == [
+        True, True, False, False]
+    assert placed[None]["class"] == "gpu-24g" and placed[None]["gradient_checkpointing"] is True
+    # Turned off by the spec, it needs a larger card, and trains there without them.
+    assert not plans[False]["gpu-24g"].fits and placed[False]["class"] == "gpu-80g"
+    assert placed[False]["gradient_checkpointing"] is False

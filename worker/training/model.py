@@ -157,7 +157,8 @@ def check_4bit_layout(model) -> None:
 def load_base_model(spec: JobSpec, models_dir: Path, device: str, gradient_checkpointing: bool | None = None):
     """Load model: the frozen base, 4-bit and prepared for k-bit training when the spec quantizes it.
 
-    Plain LoRA recomputes activations when the job's plan says so; without a plan, always on a GPU.
+    Activations are recomputed when the job's plan says so (4-bit or not: recomputing is exact, it only trades a
+    third more compute for memory); without a plan, always on a GPU and never on the CPU.
     """
     from transformers import AutoModelForCausalLM
 
@@ -171,14 +172,15 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str, gradient_check
         kwargs.update(quantization_config=bnb_config, device_map={"": 0} if device == "cuda" else {"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False  # padding-free packing is only correct without the KV cache
+    checkpointing = gradient_checkpointing if gradient_checkpointing is not None else device == "cuda"
     if bnb_config is not None:
         from peft import prepare_model_for_kbit_training
 
         pin_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING
         )
-    elif gradient_checkpointing or (gradient_checkpointing is None and device == "cuda"):
+    elif checkpointing:
         # A bf16 7B with plain LoRA fits a 24 GB card at the default length only with recomputed activations.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad for checkpointed blocks

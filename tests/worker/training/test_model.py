@@ -96,6 +96,34 @@ def test_qlora_trains_every_lora_parameter_and_the_guard_passes(models_dir, toke
     check_4bit_layout(model)
 
 
+def test_qlora_recomputes_activations_only_when_asked_with_the_same_loss_and_gradients(models_dir, tokenizer, rows):
+    """4-bit bases train with or without recomputed activations (the plan decides); the numbers are the same."""
+    spec = tiny_spec(quantization="nf4", lora={"r": 4, "target_modules": "all-linear", "dropout": 0.0})
+    batch = make_collator(True, tokenizer)(rows[:4])
+    found = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = attach_adapter(load_base_model(spec, models_dir, "cpu", gradient_checkpointing=checkpointing), spec)
+        assert model.base_model.model.is_gradient_checkpointing is checkpointing
+        for name, p in model.named_parameters():  # lora_B starts at zero: give it values so lora_A gets gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        model.train()  # recomputation happens only in training mode
+        calls = []
+        layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))  # a recompute may stop before it returns
+        loss = model(**batch).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass, or kept
+        found[checkpointing] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (plain_loss, plain), (recomputed_loss, recomputed) = found[False], found[True]
+    assert plain_loss == pytest.approx(recomputed_loss, rel=1e-6) and plain.keys() == recomputed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(grad, recomputed[name], rtol=1e-4, atol=1e-6)
+    # and without a plan: never on the CPU
+    assert not load_base_model(spec, models_dir, "cpu").is_gradient_checkpointing
+
+
 def _cpu_repacks_4bit_weights() -> bool:
     from bitsandbytes.functional import has_avx512bf16
 
