@@ -1,6 +1,7 @@
 """Training throughput: our core against the recipes a careful user would run instead, in one invocation.
 
-Variants (each in its own process, for a clean peak RSS; interleaved over --rounds, in a rotated order):
+Variants (each run in its own process, for a clean peak RSS, forked from a server that has the libraries imported;
+interleaved over --rounds, in a rotated order):
   core  lorajobs' training core (`worker.training.train`: padding-free packing, assistant-only labels)
   b1    transformers Trainer + peft, each micro-batch padded to its longest row (DataCollatorForSeq2Seq)
   b2    transformers Trainer + peft, every row padded to 256 tokens (a reference; demo data and LoRA only)
@@ -11,7 +12,9 @@ Every variant gets the same base model, loaded by the same function (`load_base_
 the machine's compute dtype for QLoRA), the same LoRA settings, data, order and hyperparameters, and is timed by
 the same wall clock around its Trainer's `train()` (model loading, tokenizing and evaluation excluded alike).
 Real tokens are the example tokens each recipe trains on (no padding); every final eval loss is computed by the
-same function on the same validation rows (assistant tokens only).
+same function on the same validation rows (assistant tokens only), once per variant: training is seeded. b2 (a
+reference) runs in round 1 only, and so does a baseline under 75 % of round 1's fastest (it cannot be the best;
+--every-round runs them all).
 
 Two datasets: the demo (rows of 64–92 tokens) and a long-tailed one (bench/longtail_dataset.py, about 70 to
 1,000 tokens), where padding costs most. The JSON written to --json holds every run, the medians with min–max
@@ -28,7 +31,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +49,7 @@ VARIANTS = {
 B2_LENGTH = 256  # the demo's rows are at most 92 tokens; padding the long-tailed rows to 1,024 would need ~10 GB
 BASELINES = ("b1", "c1", "c2")  # the goal: the core against the best of these
 DATASETS = ("demo", "longtail")
+SLOW_BASELINE = 0.75  # a baseline below this share of round 1's fastest cannot be the best: it runs once
 BUSY_OTHER_CORES = 0.25  # other processes' average CPU use (in cores) above which the figures are flagged
 
 
@@ -62,9 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-seq-length", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved repetitions of every variant.")
+    parser.add_argument("--every-round", action="store_true",
+                        help="Run every baseline in every round (by default one far behind the fastest in round 1 "
+                             "runs once: it cannot be the best).")
     parser.add_argument("--json", type=Path, default=None, help="Write the machine-readable results here.")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -99,7 +103,8 @@ def spec_for(args, quantization: str):
     return JobSpec(model=SMOLLM2_ID, quantization=quantization, n_epochs=1, batch_size=args.batch_size,
                    micro_batch_size=args.batch_size, learning_rate=args.learning_rate, max_seq_length=args.max_seq_length,
                    warmup_ratio=0.0, lora={"r": 8, "dropout": 0.0}, seed=0, save_steps=10_000, save_total_limit=1,
-                   answer_samples=0, early_stopping_patience=None)  # throughput only: no sample answers
+                   answer_samples=0, early_stopping_patience=None,  # throughput only: no sample answers,
+                   validation_fraction=0.0)  # and no held-out split: it would drop rows and evaluate inside train()
 
 
 def _rows(spec, tokenizer, path: Path):
@@ -129,19 +134,21 @@ def _timed_train(trainer) -> float:
     return time.monotonic() - start
 
 
-def run_core(args, spec, data: Path) -> dict:
-    """The core as a job runs it, but given no validation file: with one it evaluates and keeps the best checkpoint
-    inside `train()`, which the baselines' timed `train()` does not do. Its final loss is measured afterwards, on
-    the adapter over the same base, by the same function as theirs."""
+def run_core(args, spec, data: Path, with_eval: bool) -> dict:
+    """The core as a job runs it, but with no validation rows (no file, no held-out split): with them it evaluates and
+    keeps the best checkpoint inside `train()`, which the baselines' timed `train()` does not do. Its final loss is
+    measured afterwards, on the adapter over the same base, by the same function as theirs."""
     from peft import PeftModel
 
     from worker.training import train
 
     result = train(spec, data / "train.jsonl", None, args.workdir / "out", models_dir=args.models_dir)
-    model, tokenizer = _base(spec, args)
-    model = PeftModel.from_pretrained(model, result.adapter_dir)
+    loss = None
+    if with_eval:
+        model, tokenizer = _base(spec, args)
+        loss = _final_eval_loss(PeftModel.from_pretrained(model, result.adapter_dir), spec, tokenizer, data)
     return {"real_tokens": result.trained_tokens, "seconds": result.train_seconds, "steps": result.steps,
-            "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data)}
+            "final_eval_loss": loss}
 
 
 def _trainer_args(spec, args, **extra):
@@ -155,7 +162,7 @@ def _trainer_args(spec, args, **extra):
                              disable_tqdm=True, use_cpu=True, remove_unused_columns=False, **extra)
 
 
-def run_trainer(args, spec, data: Path, padding: str) -> dict:
+def run_trainer(args, spec, data: Path, padding: str, with_eval: bool) -> dict:
     """(b1/b2) Trainer + peft on our labelled rows, padded to the batch's longest row or to B2_LENGTH."""
     import torch
     from peft import get_peft_model
@@ -172,7 +179,8 @@ def run_trainer(args, spec, data: Path, padding: str) -> dict:
     trainer = Trainer(model=model, args=_trainer_args(spec, args), train_dataset=rows, data_collator=collator)
     seconds = _timed_train(trainer)
     return {"real_tokens": sum(len(r["input_ids"]) for r in rows) * spec.n_epochs, "seconds": seconds,
-            "steps": trainer.state.global_step, "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data)}
+            "steps": trainer.state.global_step,
+            "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data) if with_eval else None}
 
 
 def _prompt_completion(row: dict) -> dict:
@@ -182,7 +190,7 @@ def _prompt_completion(row: dict) -> dict:
     return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
-def run_trl(args, spec, data: Path, tuned: bool) -> dict:
+def run_trl(args, spec, data: Path, tuned: bool, with_eval: bool) -> dict:
     """(c1) trl's SFTTrainer with its defaults; (c2) with its padding-free batching and completion-only loss.
 
     Every variant computes as the core does on this machine (worker/training/compute.py): the same base dtype from
@@ -215,20 +223,34 @@ def run_trl(args, spec, data: Path, tuned: bool) -> dict:
     real = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * spec.n_epochs
     seconds = _timed_train(trainer)
     return {"real_tokens": real, "seconds": seconds, "steps": trainer.state.global_step,
-            "final_eval_loss": _final_eval_loss(trainer.model, spec, tokenizer, data)}
+            "final_eval_loss": _final_eval_loss(trainer.model, spec, tokenizer, data) if with_eval else None}
 
 
-def child_main(args) -> None:
-    variant, mode, dataset = args.child.split(":")
-    spec = spec_for(args, "nf4" if mode == "qlora" else "none")
-    data = args.workdir / dataset
-    runners = {"core": lambda: run_core(args, spec, data), "b1": lambda: run_trainer(args, spec, data, "longest"),
-               "b2": lambda: run_trainer(args, spec, data, "max_length"), "c1": lambda: run_trl(args, spec, data, False),
-               "c2": lambda: run_trl(args, spec, data, True)}
-    report = runners[variant]()
-    report["tokens_per_second"] = report["real_tokens"] / report["seconds"]
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(report), flush=True)
+def child_main(args, child: str, compute: str, with_eval: bool, conn) -> None:
+    """One run, in a process forked from the benchmark's fork server (the libraries already imported there)."""
+    try:
+        os.environ["LORAJOBS_CPU_COMPUTE"] = compute  # the path the parent measured once: no per-run probe to differ
+        from core.settings import get_settings
+
+        get_settings.cache_clear()
+        variant, mode, dataset = child.split(":")
+        args.workdir = args.workdir / f"run-{os.getpid()}"
+        spec = spec_for(args, "nf4" if mode == "qlora" else "none")
+        data = args.workdir.parent / dataset
+        runners = {"core": lambda: run_core(args, spec, data, with_eval),
+                   "b1": lambda: run_trainer(args, spec, data, "longest", with_eval),
+                   "b2": lambda: run_trainer(args, spec, data, "max_length", with_eval),
+                   "c1": lambda: run_trl(args, spec, data, False, with_eval),
+                   "c2": lambda: run_trl(args, spec, data, True, with_eval)}
+        report = runners[variant]()
+        report["tokens_per_second"] = report["real_tokens"] / report["seconds"]
+        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send(report)
+    except BaseException as exc:  # the parent reports it; a traceback here is what a user needs to see
+        import traceback
+
+        conn.send({"error": f"{child}: {exc!r}\n{traceback.format_exc()[-3000:]}"})
+        raise
 
 
 # ---- the parent: machine facts, interleaving, summary ----
@@ -246,11 +268,12 @@ def machine_facts(args) -> dict:
         pass
     from worker.training.compute import compute_path
 
-    paths = {mode: compute_path(spec_for(args, "nf4" if mode == "qlora" else "none"), "cpu").description()
+    paths = {mode: compute_path(spec_for(args, "nf4" if mode == "qlora" else "none"), "cpu")
              for mode in ("lora", "qlora")}
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "compute_path": paths}
+            "compute_path": {mode: path.description() for mode, path in paths.items()},
+            "compute_choice": {mode: path.choice for mode, path in paths.items()}}
 
 
 def busy_cpu_seconds() -> float:
@@ -265,13 +288,38 @@ def own_cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def run_child(child: str, argv: list[str], workdir: Path) -> dict:
-    completed = subprocess.run([sys.executable, __file__, *argv, "--child", child, "--workdir", str(workdir)],
-                               capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    if completed.returncode or not lines:
-        sys.exit(f"{child} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+# Imported once in the fork server, so that a run pays for model loading, not for importing the libraries again.
+PRELOAD = ["torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "worker.training", "bench.train_throughput"]
+
+
+def fork_server():
+    """A multiprocessing context whose processes fork from a server that has the libraries imported, never run.
+
+    Every run is still its own process (a clean peak RSS, no state carried between variants) but starts in a
+    fraction of a second instead of importing torch, transformers and trl anew (about 8 s a run here).
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def run_child(context, child: str, args, compute: str, with_eval: bool) -> dict:
+    receive, send = context.Pipe(duplex=False)
+    from bench.train_throughput import child_main as target  # by its module's name, not __main__: preloaded
+
+    process = context.Process(target=target, args=(args, child, compute, with_eval, send))
+    process.start()
+    send.close()
+    try:
+        report = receive.recv()
+    except EOFError:
+        report = {"error": f"{child}: the run died (exit code {process.join() or process.exitcode})"}
+    process.join()
+    if "error" in report:
+        sys.exit(f"{child} failed:\n{report['error']}")
+    return report
 
 
 def spread(values: list[float]) -> dict:
@@ -288,8 +336,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         summary.setdefault(dataset, {}).setdefault(mode, {})[variant] = {
             "tokens_per_second": spread([r["tokens_per_second"] for r in rs]),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
-            "final_eval_loss": statistics.median(r["final_eval_loss"] for r in rs),
-            "real_tokens": rs[0]["real_tokens"], "steps": rs[0]["steps"]}
+            # training is seeded and deterministic: the loss is measured once, in a variant's first run
+            "final_eval_loss": next(r["final_eval_loss"] for r in rs if r["final_eval_loss"] is not None),
+            "real_tokens": rs[0]["real_tokens"], "steps": rs[0]["steps"], "runs": len(rs)}
     for modes in summary.values():
         for variants in modes.values():
             core = variants.get("core")
@@ -307,7 +356,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def print_report(args, summary: dict, load: dict) -> None:
+def print_report(args, summary: dict, load: dict, wall: float) -> None:
     for dataset, modes in summary.items():
         for mode, variants in modes.items():
             print(f"\n{dataset} data, {mode.upper()}: SmolLM2-135M-Instruct, {args.examples} examples, batch "
@@ -316,7 +365,8 @@ def print_report(args, summary: dict, load: dict) -> None:
             ratios = variants.get("core", {}).get("ratios", {})
             for variant, row in variants.items():
                 tps = row["tokens_per_second"]
-                cell = f"{tps['median']:.1f} [{tps['min']:.1f}–{tps['max']:.1f}]"
+                cell = (f"{tps['median']:.1f} [{tps['min']:.1f}–{tps['max']:.1f}]" if row["runs"] > 1
+                        else f"{tps['median']:.1f} (one run)")
                 ratio = f"{ratios[variant]:.2f}x" if variant in ratios else "—"
                 print(f"({variant}) {VARIANTS[variant]:<39}{cell:>24}{ratio:>8}{row['peak_rss_mb']:>13.0f}"
                       f"{row['final_eval_loss']:>11.4f}")
@@ -326,10 +376,22 @@ def print_report(args, summary: dict, load: dict) -> None:
                       f"core spread {core['tokens_per_second']['spread_percent']:.0f}% (goal < 10%)"
                       + (f"; eval loss vs b1 {core['eval_loss_vs_b1_percent']:+.2f}% (goal within 1%)"
                          if "eval_loss_vs_b1_percent" in core else ""))
-    print(f"\nload average: {load['before'][0]:.2f} before, {load['after'][0]:.2f} after ({load['cores']} cores); "
+    print(f"\n{wall / 60:.1f} minutes; load average: {load['before'][0]:.2f} before, {load['after'][0]:.2f} after ({load['cores']} cores); "
           f"other processes used {load['other_processes_cores']:.2f} cores on average during the run")
     if load["busy"]:
         print("WARNING: the machine was busy during the run; these figures are not a measurement of it.")
+
+
+def slow_baselines(runs: dict[str, list[dict]]) -> set[str]:
+    """Baselines below SLOW_BASELINE of the fastest baseline of their dataset and mode in round 1."""
+    first = {key: rs[0]["tokens_per_second"] for key, rs in runs.items() if key.rsplit(":", 1)[1] in BASELINES}
+    slow = set()
+    for key, tps in first.items():
+        group = key.rsplit(":", 1)[0]
+        fastest = max(t for k, t in first.items() if k.rsplit(":", 1)[0] == group)
+        if tps < SLOW_BASELINE * fastest:
+            slow.add(key)
+    return slow
 
 
 def main(argv=None) -> None:
@@ -337,41 +399,48 @@ def main(argv=None) -> None:
     from core.settings import get_settings
 
     args.models_dir = args.models_dir or get_settings().models_dir
-    if args.child:
-        child_main(args)
-        return
     from worker.catalogue import install_smollm2
 
     install_smollm2(args.models_dir)
     cores = os.cpu_count() or 1
     load_before, machine_busy, own = os.getloadavg(), busy_cpu_seconds(), own_cpu_seconds()
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--models-dir", str(args.models_dir)]
     children = [f"{d}:{m}:{v}" for d in args.datasets.split(",") for m in args.modes.split(",")
                 for v in args.variants.split(",") if v != "b2" or (m, d) == ("lora", "demo")]  # b2: a reference
     runs: dict[str, list[dict]] = {c: [] for c in children}
     machine = machine_facts(args)
+    once = {c for c in children if c.endswith(":b2")}  # the reference runs in round 1 only
+    context = fork_server()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        workdir = Path(tmp)
+        args.workdir = Path(tmp)
         for dataset in args.datasets.split(","):
-            prepare_data(dataset, args, workdir)
+            prepare_data(dataset, args, args.workdir)
         for round_no in range(args.rounds):
             shift = round_no % len(children)  # rotate the order: no variant always runs first or last
             for key in children[shift:] + children[:shift]:
+                if round_no and key in once:
+                    continue
                 dataset, mode, variant = key.split(":")
-                runs[key].append(run_child(f"{variant}:{mode}:{dataset}", passthrough, workdir))
+                compute = machine["compute_choice"][mode]
+                runs[key].append(run_child(context, f"{variant}:{mode}:{dataset}", args, compute, not runs[key]))
                 r = runs[key][-1]
-                print(f"round {round_no + 1} {key}: {r['tokens_per_second']:.1f} tok/s, eval loss "
-                      f"{r['final_eval_loss']:.4f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+                loss = "" if r["final_eval_loss"] is None else f", eval loss {r['final_eval_loss']:.4f}"
+                print(f"round {round_no + 1} {key}: {r['tokens_per_second']:.1f} tok/s{loss}, "
+                      f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
                 if args.json:  # after every run: an interrupted benchmark still leaves what it measured
                     write_json(args, {"partial": True, "machine": machine, "runs": runs})
+            if round_no == 0 and not args.every_round and args.rounds > 1:
+                for key in sorted(slow_baselines(runs) - once):
+                    print(f"{key}: under {SLOW_BASELINE:.0%} of the fastest baseline in round 1, runs once",
+                          flush=True)
+                    once.add(key)
     wall = time.monotonic() - started
     # Everything the machine computed that was not this benchmark: other processes competing for the cores.
     others = (busy_cpu_seconds() - machine_busy) - (own_cpu_seconds() - own)
     load = {"before": load_before, "after": os.getloadavg(), "cores": cores,
             "other_processes_cores": max(0.0, others / wall), "busy": others / wall > BUSY_OTHER_CORES}
     summary = summarize(runs)
-    print_report(args, summary, load)
+    print_report(args, summary, load, wall)
     if args.json:
         write_json(args, {"partial": False, "machine": machine, "load": load, "wall_seconds": wall,
                           "summary": summary, "runs": runs})
@@ -379,7 +448,7 @@ def main(argv=None) -> None:
 
 
 def write_json(args, results: dict) -> None:
-    settings = {k: v for k, v in vars(args).items() if k not in ("child", "workdir", "json", "models_dir")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("workdir", "json", "models_dir")}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": settings, **results}, indent=2) + "\n")
 

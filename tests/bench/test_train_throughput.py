@@ -3,7 +3,7 @@
 import json
 
 from bench.longtail_dataset import write
-from bench.train_throughput import summarize
+from bench.train_throughput import slow_baselines, summarize
 
 
 def test_the_long_tailed_dataset_is_reproducible_and_long_tailed(tmp_path):
@@ -17,7 +17,7 @@ def test_the_long_tailed_dataset_is_reproducible_and_long_tailed(tmp_path):
     assert len(answers) > 50  # the trained answers vary: the task is not one string
 
 
-def _run(tps: float, loss: float = 2.0) -> dict:
+def _run(tps: float, loss: float | None = 2.0) -> dict:
     return {"tokens_per_second": tps, "peak_rss_mb": 1000.0, "final_eval_loss": loss, "real_tokens": 100, "steps": 4}
 
 
@@ -31,3 +31,18 @@ def test_the_core_is_compared_with_the_fastest_baseline_by_medians():
     assert core["best_baseline"] == "c2" and core["vs_best_baseline"] == 310 / 240
     assert core["ratios"]["b1"] == 310 / 100 and core["ratios"]["b2"] == 0.31
     assert round(core["eval_loss_vs_b1_percent"], 6) == round(100 * (2.0 / 2.02 - 1), 6)
+
+
+def test_the_eval_loss_is_taken_from_the_run_that_measured_it():
+    runs = {"demo:lora:core": [_run(300, 1.9), _run(310, None), _run(305, None)], "demo:lora:b1": [_run(200, 2.0)]}
+    core = summarize(runs)["demo"]["lora"]["core"]
+    assert core["final_eval_loss"] == 1.9 and core["runs"] == 3
+    assert round(core["eval_loss_vs_b1_percent"], 6) == round(100 * (1.9 / 2.0 - 1), 6)
+
+
+def test_a_baseline_far_behind_the_fastest_in_round_1_runs_once():
+    first = {"demo:lora:core": [_run(900)], "demo:lora:b1": [_run(200)], "demo:lora:c1": [_run(149)],
+             "demo:lora:c2": [_run(151)], "demo:lora:b2": [_run(50)],
+             "longtail:lora:b1": [_run(100)], "longtail:lora:c1": [_run(80)], "longtail:lora:c2": [_run(74)]}
+    # per dataset and mode, against the fastest baseline (never the core; b2 is not a baseline)
+    assert slow_baselines(first) == {"demo:lora:c1", "longtail:lora:c2"}
