@@ -106,12 +106,11 @@ def _duration(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, gpu: Gpu
     """(tokens per second, seconds) for the training tokens, from the FLOPs model at the class's utilisation."""
     if training_tokens is None or lengths.mean is None:
         return None, None
-    if spec.packing:
-        sequence, computed_per_token = micro * lengths.mean, 1.0
+    if spec.packing:  # attention runs per packed example, causal (worker/training/attention.py, flash varlen)
+        sequence, masked, computed_per_token = lengths.mean, False, 1.0
     else:
-        sequence, computed_per_token = lengths.padded, lengths.padded / lengths.mean  # padding is computed too
-    flops, _ = flops_per_token(shape, adapter, sequence=sequence, masked=micro > 1,
-                               gradient_checkpointing=checkpointing)
+        sequence, masked, computed_per_token = lengths.padded, micro > 1, lengths.padded / lengths.mean  # padding too
+    flops, _ = flops_per_token(shape, adapter, sequence=sequence, masked=masked, gradient_checkpointing=checkpointing)
     speed = gpu.tflops * 1e12 * gpu.utilisation * (QUANTIZED_SPEED[gpu.device] if spec.quantization != "none" else 1)
     tokens_per_second = speed / (flops * computed_per_token)
     return tokens_per_second, training_tokens / tokens_per_second

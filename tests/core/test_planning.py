@@ -264,6 +264,20 @@ def test_token_statistics_give_tokens_steps_and_a_duration_per_class():
     assert on_24.tokens_per_second == pytest.approx(plan.training_tokens / on_24.duration_seconds)
 
 
+def test_packed_rows_attend_per_example_so_the_micro_batch_does_not_lengthen_attention():
+    stats = {"count": 1000, "mean": 1500.0, "p95": 3000, "max": 4096}
+    rates = {}
+    for packing in (True, False):
+        for micro in (1, 8):
+            spec = JobSpec(model="llama-2-7b", max_seq_length=4096, packing=packing, batch_size=8,
+                           micro_batch_size=micro, gradient_checkpointing=True)
+            rates[packing, micro] = make_plan(LLAMA_2_7B, spec, token_stats=stats, gpu_classes=GPUS).classes[-1]
+    # packed: 8 examples in a row attend as 8 causal examples, not over one masked row of 12,000 tokens
+    assert rates[True, 8].tokens_per_second == pytest.approx(rates[True, 1].tokens_per_second)
+    # padded: the mask makes the kernel attend the whole padded row, and the padding is computed too
+    assert rates[False, 8].tokens_per_second < rates[False, 1].tokens_per_second < rates[True, 1].tokens_per_second
+
+
 def test_without_statistics_memory_assumes_full_length_and_there_is_no_duration():
     plan = make_plan(LLAMA_2_7B, JobSpec(model="llama-2-7b", max_seq_length=1024), gpu_classes=GPUS)
     assert plan.longest_example == 1024 and plan.tokens_per_example is None
