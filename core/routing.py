@@ -133,11 +133,12 @@ def predicted_peak(plan: dict | None, placement: dict | None, device: str,
 class OomStep:
     """What a job does after a CUDA out-of-memory error."""
 
-    action: Literal["halve", "move", "fail"]
+    action: Literal["recompute", "halve", "move", "fail"]
     micro_batch_size: int
     gradient_accumulation_steps: int
     class_name: str | None
     message: str
+    gradient_checkpointing: bool | None = None  # the setting to train with from now on; None: unchanged
 
 
 def _divisor_at_most(batch: int, cap: int) -> int:
@@ -145,10 +146,17 @@ def _divisor_at_most(batch: int, cap: int) -> int:
 
 
 def after_oom(*, micro_batch_size: int, gradient_accumulation_steps: int, halvings: int, class_name: str | None,
-              classes: list[GpuClass], plan: dict | None = None) -> OomStep:
-    """Halve the micro-batch (accumulation doubled: the same batch) at most twice, then move to the next larger
-    configured GPU class (with its planned micro-batch), else fail."""
+              classes: list[GpuClass], plan: dict | None = None, gradient_checkpointing: bool | None = None,
+              spec_checkpointing: bool | None = None) -> OomStep:
+    """Recompute activations if the plan had them kept (and the spec left it to the plan), then halve the
+    micro-batch (accumulation doubled: the same batch) at most twice, then move to the next larger configured GPU
+    class (with its planned micro-batch and checkpointing), else fail."""
     batch = micro_batch_size * gradient_accumulation_steps
+    if gradient_checkpointing is False and spec_checkpointing is None:
+        return OomStep("recompute", micro_batch_size, gradient_accumulation_steps, class_name,
+                       f"Out of GPU memory at micro-batch {micro_batch_size} with activations kept: retrying from the "
+                       "last checkpoint with gradient checkpointing (activations recomputed in the backward pass)",
+                       gradient_checkpointing=True)
     if halvings < MAX_OOM_HALVINGS and micro_batch_size > 1:
         micro = _divisor_at_most(batch, micro_batch_size // 2)
         return OomStep("halve", micro, batch // micro, class_name,
@@ -161,9 +169,11 @@ def after_oom(*, micro_batch_size: int, gradient_accumulation_steps: int, halvin
         target = min(larger, key=lambda c: c.memory_gib)
         entry = next((c for c in (plan or {}).get("classes") or [] if c.get("name") == target.name), {})
         micro = _divisor_at_most(batch, entry.get("micro_batch_size") or micro_batch_size * 2 ** halvings)
+        planned = entry.get("gradient_checkpointing") if spec_checkpointing is None else None
         return OomStep("move", micro, batch // micro, target.name,
                        f"Out of GPU memory on {class_name} even at micro-batch {micro_batch_size}: moving to "
-                       f"{target.name} ({target.memory_gib:g} GiB) with micro-batch {micro}")
+                       f"{target.name} ({target.memory_gib:g} GiB) with micro-batch {micro}",
+                       gradient_checkpointing=planned)
     where = f" on {class_name}" if class_name else ""
     return OomStep("fail", micro_batch_size, gradient_accumulation_steps, class_name,
                    f"Out of GPU memory{where} at micro-batch {micro_batch_size}"

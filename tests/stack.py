@@ -78,6 +78,7 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         env = {**os.environ, **settings_env(self.settings)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "worker", "--queues", self.queues,

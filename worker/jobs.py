@@ -669,8 +669,9 @@ HUNG_EXIT_CODE = 70
 
 
 def _settle_out_of_memory(settings: Settings, job: ClaimedJob, owner: str) -> None:
-    """Torch's out of memory: half the micro-batch from the last checkpoint (twice), then the next larger class,
-    then fail; each step is an event, and none spends the job's attempts (docs/planning.md)."""
+    """Torch's out of memory: recompute activations if they were kept, then half the micro-batch from the last
+    checkpoint (twice), then the next larger class, then fail; each step is an event, and none spends the job's
+    attempts (docs/planning.md)."""
     with transaction(settings.database_url) as session:
         row = repo.get_any(session, job.id)
         hyper = row.hyperparameters or {}
@@ -679,7 +680,9 @@ def _settle_out_of_memory(settings: Settings, job: ClaimedJob, owner: str) -> No
         accumulation = placement.get("gradient_accumulation_steps") or hyper.get("gradient_accumulation_steps") or 1
         step = routing.after_oom(micro_batch_size=micro, gradient_accumulation_steps=accumulation,
                                  halvings=placement.get("oom_halvings", 0), class_name=placement.get("class"),
-                                 classes=routing.configured_classes(settings), plan=job.plan)
+                                 classes=routing.configured_classes(settings), plan=job.plan,
+                                 gradient_checkpointing=placement.get("gradient_checkpointing"),
+                                 spec_checkpointing=job.spec.gradient_checkpointing)
         if step.action == "fail":
             advice = " ".join((job.plan or {}).get("advice") or [])
             message = f"{step.message}. {OOM_ADVICE}{f' {advice}' if advice else ''}"
@@ -690,10 +693,12 @@ def _settle_out_of_memory(settings: Settings, job: ClaimedJob, owner: str) -> No
         if step.action == "move":
             gpu = next(c for c in routing.configured_classes(settings) if c.name == step.class_name)
             moved = {"queue": routing.queue_of(gpu), "class": gpu.name, "oom_halvings": 0}
+        if step.gradient_checkpointing is not None:
+            moved["gradient_checkpointing"] = step.gradient_checkpointing
+        halvings = placement.get("oom_halvings", 0) + (step.action == "halve")
         placement = {**placement, "micro_batch_size": step.micro_batch_size,
                      "gradient_accumulation_steps": step.gradient_accumulation_steps,
-                     "oom_halvings": placement.get("oom_halvings", 0) + 1, **moved,
-                     "oom_events": placement.get("oom_events", 0) + 1}
+                     "oom_halvings": halvings, **moved, "oom_events": placement.get("oom_events", 0) + 1}
         requeued = _settle_in(session, job, owner, status="queued", level="warn", message=step.message,
                               placement=placement, attempts=max(0, job.attempts - 1),
                               lease_expires_at=db_epoch() + settings.lease_seconds)

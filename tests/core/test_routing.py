@@ -115,6 +115,28 @@ def test_a_move_takes_the_larger_class_s_planned_micro_batch():
         ("move", "gpu-48g", 4, 2)
 
 
+def test_out_of_memory_with_activations_kept_recomputes_them_first_unless_the_spec_said_so():
+    kept = dict(micro_batch_size=4, gradient_accumulation_steps=2, halvings=0, class_name="gpu-24g", classes=CONFIGURED)
+    step = after_oom(**kept, gradient_checkpointing=False)
+    assert (step.action, step.micro_batch_size, step.class_name, step.gradient_checkpointing) == \
+        ("recompute", 4, "gpu-24g", True)
+    assert "with gradient checkpointing" in step.message
+    # already recomputing, or kept because the spec asked for it: halve as before
+    assert after_oom(**kept, gradient_checkpointing=True).action == "halve"
+    halved = after_oom(**kept, gradient_checkpointing=False, spec_checkpointing=False)
+    assert halved.action == "halve" and halved.gradient_checkpointing is None
+
+
+def test_a_move_takes_the_larger_class_s_planned_checkpointing():
+    plan = {"classes": [{"name": "gpu-48g", "micro_batch_size": 2, "gradient_checkpointing": False}]}
+    moved = dict(micro_batch_size=1, gradient_accumulation_steps=8, halvings=2, class_name="gpu-24g",
+                 classes=CONFIGURED, plan=plan, gradient_checkpointing=True)
+    step = after_oom(**moved)
+    assert (step.action, step.class_name, step.micro_batch_size, step.gradient_checkpointing) == \
+        ("move", "gpu-48g", 2, False)
+    assert after_oom(**moved, spec_checkpointing=True).gradient_checkpointing is None  # the spec's stays
+
+
 def test_the_prediction_compared_with_the_measured_peak_is_the_class_that_ran():
     spec = _spec(quantization="nf4")
     plan = make_plan(LLAMA_2_7B, spec, token_stats=STATS).model_dump(mode="json")

@@ -107,12 +107,15 @@ def test_jobs_route_to_the_smallest_class_that_fits_and_recover_from_out_of_memo
         worker.stop()
     assert done.status == "succeeded", done.error
     events = all_events(client, first.id)
-    halvings = [e.message for e in events if e.message.startswith("Out of GPU memory")]
-    assert len(halvings) == 2 and all(e.level == "warn" for e in events if e.message in halvings)
-    assert "micro-batch 2 and 2 accumulation steps (the same batch of 4)" in halvings[0]
-    assert "micro-batch 1 and 4 accumulation steps (the same batch of 4)" in halvings[1]
+    steps = [e.message for e in events if e.message.startswith("Out of GPU memory")]
+    assert len(steps) == 3 and all(e.level == "warn" for e in events if e.message in steps)
+    # The plan kept activations on gpu-big: first they are recomputed, at the same micro-batch; then it halves.
+    assert "at micro-batch 4 with activations kept" in steps[0] and "with gradient checkpointing" in steps[0]
+    assert "micro-batch 2 and 2 accumulation steps (the same batch of 4)" in steps[1]
+    assert "micro-batch 1 and 4 accumulation steps (the same batch of 4)" in steps[2]
     assert done.model_extra["attempts"] == 1  # OOM retries spend no attempts
     assert done.model_extra["placement"]["micro_batch_size"] == 1
+    assert done.model_extra["placement"]["gradient_checkpointing"] is True
     started = [e.message for e in events if e.message.startswith("Training ") and " examples on " in e.message]
     assert "(micro-batch 4 × 1)" in started[0] and "(micro-batch 1 × 4)" in started[-1]  # the worker followed it
     assert done.model_extra["resolved_hyperparameters"]["batch_size"] == 4

@@ -56,6 +56,7 @@ class Sweeper:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Sweeper":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "sweeper"], cwd=ROOT, env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
