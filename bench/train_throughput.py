@@ -134,6 +134,11 @@ def _timed_train(trainer) -> float:
     return time.monotonic() - start
 
 
+def _peak_rss_mb() -> float:
+    """The process's peak RSS so far: read right after training, before an evaluation loads anything more."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_core(args, spec, data: Path, with_eval: bool) -> dict:
     """The core as a job runs it, but with no validation rows (no file, no held-out split): with them it evaluates and
     keeps the best checkpoint inside `train()`, which the baselines' timed `train()` does not do. Its final loss is
@@ -143,12 +148,12 @@ def run_core(args, spec, data: Path, with_eval: bool) -> dict:
     from worker.training import train
 
     result = train(spec, data / "train.jsonl", None, args.workdir / "out", models_dir=args.models_dir)
-    loss = None
+    peak, loss = _peak_rss_mb(), None
     if with_eval:
         model, tokenizer = _base(spec, args)
         loss = _final_eval_loss(PeftModel.from_pretrained(model, result.adapter_dir), spec, tokenizer, data)
     return {"real_tokens": result.trained_tokens, "seconds": result.train_seconds, "steps": result.steps,
-            "final_eval_loss": loss}
+            "peak_rss_mb": peak, "final_eval_loss": loss}
 
 
 def _trainer_args(spec, args, **extra):
@@ -179,7 +184,7 @@ def run_trainer(args, spec, data: Path, padding: str, with_eval: bool) -> dict:
     trainer = Trainer(model=model, args=_trainer_args(spec, args), train_dataset=rows, data_collator=collator)
     seconds = _timed_train(trainer)
     return {"real_tokens": sum(len(r["input_ids"]) for r in rows) * spec.n_epochs, "seconds": seconds,
-            "steps": trainer.state.global_step,
+            "steps": trainer.state.global_step, "peak_rss_mb": _peak_rss_mb(),
             "final_eval_loss": _final_eval_loss(model, spec, tokenizer, data) if with_eval else None}
 
 
@@ -222,12 +227,16 @@ def run_trl(args, spec, data: Path, tuned: bool, with_eval: bool) -> dict:
                          peft_config=to_lora_config(spec, model.config.to_dict()))
     real = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * spec.n_epochs
     seconds = _timed_train(trainer)
-    return {"real_tokens": real, "seconds": seconds, "steps": trainer.state.global_step,
+    return {"real_tokens": real, "seconds": seconds, "steps": trainer.state.global_step, "peak_rss_mb": _peak_rss_mb(),
             "final_eval_loss": _final_eval_loss(trainer.model, spec, tokenizer, data) if with_eval else None}
 
 
 def child_main(args, child: str, compute: str, with_eval: bool, conn) -> None:
     """One run, in a process forked from the benchmark's fork server (the libraries already imported there)."""
+    log = args.workdir / f"{child.replace(':', '-')}-{os.getpid()}.log"
+    with open(log, "wb") as out:  # the Trainers' per-step lines: kept for a failure's report, off the console
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
     try:
         os.environ["LORAJOBS_CPU_COMPUTE"] = compute  # the path the parent measured once: no per-run probe to differ
         from core.settings import get_settings
@@ -244,12 +253,15 @@ def child_main(args, child: str, compute: str, with_eval: bool, conn) -> None:
                    "c2": lambda: run_trl(args, spec, data, True, with_eval)}
         report = runners[variant]()
         report["tokens_per_second"] = report["real_tokens"] / report["seconds"]
-        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        report["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the parent does not reap us: it adds these
         conn.send(report)
-    except BaseException as exc:  # the parent reports it; a traceback here is what a user needs to see
+    except BaseException as exc:  # the parent reports it, with what the run printed
         import traceback
 
-        conn.send({"error": f"{child}: {exc!r}\n{traceback.format_exc()[-3000:]}"})
+        traceback.print_exc()
+        sys.stderr.flush()
+        conn.send({"error": f"{child}: {exc!r}\n{log.read_text(errors='replace')[-4000:]}"})
         raise
 
 
@@ -300,6 +312,8 @@ def fork_server():
     """
     import multiprocessing
 
+    # The server imports PRELOAD with the environment's path (it does not take ours): the repository must be on it.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context
@@ -337,7 +351,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             "tokens_per_second": spread([r["tokens_per_second"] for r in rs]),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
             # training is seeded and deterministic: the loss is measured once, in a variant's first run
-            "final_eval_loss": next(r["final_eval_loss"] for r in rs if r["final_eval_loss"] is not None),
+            "final_eval_loss": next((r["final_eval_loss"] for r in rs if r["final_eval_loss"] is not None), None),
             "real_tokens": rs[0]["real_tokens"], "steps": rs[0]["steps"], "runs": len(rs)}
     for modes in summary.values():
         for variants in modes.values():
@@ -351,7 +365,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             if best:
                 core["best_baseline"] = best
                 core["vs_best_baseline"] = core["ratios"][best]
-            if "b1" in variants:
+            if "b1" in variants and core["final_eval_loss"] and variants["b1"]["final_eval_loss"]:
                 core["eval_loss_vs_b1_percent"] = 100 * (core["final_eval_loss"] / variants["b1"]["final_eval_loss"] - 1)
     return summary
 
@@ -359,8 +373,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 def print_report(args, summary: dict, load: dict, wall: float) -> None:
     for dataset, modes in summary.items():
         for mode, variants in modes.items():
+            lora = spec_for(args, "none").lora
             print(f"\n{dataset} data, {mode.upper()}: SmolLM2-135M-Instruct, {args.examples} examples, batch "
-                  f"{args.batch_size}, LoRA r=8 q/v, {args.rounds} round(s), median [min–max]\n")
+                  f"{args.batch_size}, LoRA r={lora.r} on {lora.target_modules}, {args.rounds} round(s), "
+                  "median [min–max]\n")
             print(f"{'variant':<44}{'real tok/s':>24}{'core ×':>8}{'peak RSS MB':>13}{'eval loss':>11}")
             ratios = variants.get("core", {}).get("ratios", {})
             for variant, row in variants.items():
@@ -368,8 +384,8 @@ def print_report(args, summary: dict, load: dict, wall: float) -> None:
                 cell = (f"{tps['median']:.1f} [{tps['min']:.1f}–{tps['max']:.1f}]" if row["runs"] > 1
                         else f"{tps['median']:.1f} (one run)")
                 ratio = f"{ratios[variant]:.2f}x" if variant in ratios else "—"
-                print(f"({variant}) {VARIANTS[variant]:<39}{cell:>24}{ratio:>8}{row['peak_rss_mb']:>13.0f}"
-                      f"{row['final_eval_loss']:>11.4f}")
+                loss = "—" if row["final_eval_loss"] is None else f"{row['final_eval_loss']:.4f}"
+                print(f"({variant}) {VARIANTS[variant]:<39}{cell:>24}{ratio:>8}{row['peak_rss_mb']:>13.0f}{loss:>11}")
             core = variants.get("core")
             if core and "vs_best_baseline" in core:
                 print(f"core vs best baseline ({core['best_baseline']}): {core['vs_best_baseline']:.2f}x (goal >= 1.3); "
@@ -410,7 +426,7 @@ def main(argv=None) -> None:
     machine = machine_facts(args)
     once = {c for c in children if c.endswith(":b2")}  # the reference runs in round 1 only
     context = fork_server()
-    started = time.monotonic()
+    started, children_cpu = time.monotonic(), 0.0
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         args.workdir = Path(tmp)
         for dataset in args.datasets.split(","):
@@ -424,6 +440,7 @@ def main(argv=None) -> None:
                 compute = machine["compute_choice"][mode]
                 runs[key].append(run_child(context, f"{variant}:{mode}:{dataset}", args, compute, not runs[key]))
                 r = runs[key][-1]
+                children_cpu += r["cpu_seconds"]
                 loss = "" if r["final_eval_loss"] is None else f", eval loss {r['final_eval_loss']:.4f}"
                 print(f"round {round_no + 1} {key}: {r['tokens_per_second']:.1f} tok/s{loss}, "
                       f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
@@ -436,7 +453,7 @@ def main(argv=None) -> None:
                     once.add(key)
     wall = time.monotonic() - started
     # Everything the machine computed that was not this benchmark: other processes competing for the cores.
-    others = (busy_cpu_seconds() - machine_busy) - (own_cpu_seconds() - own)
+    others = (busy_cpu_seconds() - machine_busy) - (own_cpu_seconds() - own) - children_cpu
     load = {"before": load_before, "after": os.getloadavg(), "cores": cores,
             "other_processes_cores": max(0.0, others / wall), "busy": others / wall > BUSY_OTHER_CORES}
     summary = summarize(runs)
