@@ -2,7 +2,8 @@
 
 For random-weight models of real shapes (Llama-2-7B and a 13B, bf16) it trains a few steps the way the worker
 does — QLoRA: NF4 with double quantization, prepare_model_for_kbit_training, gradient checkpointing, paged 8-bit
-AdamW; LoRA: bf16 base, torch AdamW, no checkpointing; bf16 autocast, SDPA, r=16 on q/v — at one example of 512
+AdamW; qlora-kept: the same with activations kept (the plan's choice wherever they fit); LoRA: bf16 base, torch
+AdamW, no checkpointing; bf16 autocast, SDPA, r=16 on q/v — at one example of 512
 and of 2048 tokens and at four packed examples of 512, and prints what core/planning predicts next to what the
 device shows. Goal: measured peak within 15 % of predicted. No weights are downloaded: the models are random.
 Each model and mode runs in its own process, so that one's paged buffers and cached blocks do not count in the next.
@@ -49,7 +50,7 @@ TOLERANCE = 0.15
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="7b,13b", help="Comma-separated: 7b, 13b.")
-    parser.add_argument("--modes", default="qlora,lora", help="Comma-separated: qlora, lora.")
+    parser.add_argument("--modes", default="qlora,qlora-kept,lora", help="Comma-separated: qlora, qlora-kept, lora.")
     parser.add_argument("--steps", type=int, default=3, help="Measured steps per case, after one warm-up step.")
     parser.add_argument("--peak-tflops", type=float, default=None, help="The GPU's dense bf16 peak (else by name).")
     parser.add_argument("--pkgs", type=Path, default=ROOT / "bench" / "output" / "pkgs",
@@ -132,10 +133,10 @@ def build_model(shape: dict, mode: str, device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
-    if mode == "qlora":
+    if mode.startswith("qlora"):
         quantize_in_place(model, device)
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=mode == "qlora", gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
 
 
@@ -176,7 +177,7 @@ def make_optimizer(model, mode: str, device: str):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if mode == "qlora" and device == "cuda":
+    if mode.startswith("qlora") and device == "cuda":
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=2e-4)
@@ -220,7 +221,7 @@ def predicted(shape: dict, mode: str, examples: int, length: int, device: str):
 
     model = model_shape(shape)
     adapter = adapter_counts(model, shape, LoraSpec(r=16, target_modules=["q_proj", "v_proj"]))
-    quantization = "nf4" if mode == "qlora" else "none"
+    quantization = "nf4" if mode.startswith("qlora") else "none"
     tokens = examples * length
     setup = TrainingSetup(device=device, quantization=quantization, double_quant=True,
                           optimizer=worker_optimizer(quantization, device), gradient_checkpointing=mode == "qlora",
