@@ -161,6 +161,11 @@ class CheckpointSection(BaseModel):
         2, ge=1, description="Stop when the best_checkpoint_metric has not improved for this many checkpoint "
         "evaluations in a row; null trains every epoch."
     )
+    early_stopping_threshold: float = Field(
+        0.001, ge=0.0, le=1.0, description="The smallest change of best_checkpoint_metric that counts as an "
+        "improvement for early stopping (0.001 nats a token of loss: 0.1 % perplexity); the best checkpoint is "
+        "still the best by any margin."
+    )
     answer_samples: int = Field(
         20, ge=0, le=200, description="Held-out prompts answered greedily by the base and the tuned model at the end "
         "of the job, and scored for exact match and key facts; 0 skips it."

@@ -28,7 +28,8 @@ def selection_callbacks(spec, has_validation: bool) -> list:
         return []
     from transformers import EarlyStoppingCallback
 
-    return [EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience)]
+    return [EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience,
+                                  early_stopping_threshold=spec.early_stopping_threshold)]
 
 
 @cache
@@ -69,8 +70,8 @@ def report_selection(state, spec, hooks: TrainingHooks) -> dict | None:
     early = state.global_step < state.max_steps
     selected = {"step": state.best_global_step, "metric": metric, "value": state.best_metric,
                 "last_step": state.global_step, "early_stopped": early}
-    stopped = (f"Early stopping at step {state.global_step} of {state.max_steps}: {metric} did not improve for "
-               f"{spec.early_stopping_patience} evaluations. ") if early else ""
+    stopped = (f"Early stopping at step {state.global_step} of {state.max_steps}: {metric} did not improve by more "
+               f"than {spec.early_stopping_threshold:g} for {spec.early_stopping_patience} evaluations. ") if early else ""
     hooks.event("info", f"{stopped}The adapter is the checkpoint of step {state.best_global_step}, the best by {metric} "
                 f"({state.best_metric:.4g}); the last step was {state.global_step}.")
     return selected

@@ -66,6 +66,21 @@ def drifting_run(models_dir, tmp_path_factory):
     return result, events, metrics, root / "out"
 
 
+def test_an_improvement_under_the_threshold_stops_early_but_the_best_checkpoint_is_still_delivered(
+        models_dir, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", retail_chat_records(20))
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", retail_chat_records(6, offset=50))
+    metrics = []
+    # a threshold of a whole nat: the second epoch improves (the lowest loss), but by less than it counts
+    spec = tiny_spec(n_epochs=4, early_stopping_patience=1, early_stopping_threshold=1.0, answer_samples=0)
+    result = train(spec, train_file, valid_file, tmp_path / "out", TrainingHooks(on_metrics=metrics.append),
+                   models_dir=models_dir)
+    evaluated = {m["step"]: m["valid_loss"] for m in metrics if "valid_loss" in m}
+    assert sorted(evaluated) == [5, 10] and evaluated[10] < evaluated[5] < evaluated[10] + 1.0
+    assert result.best_checkpoint == {"step": 10, "metric": "valid_loss", "value": evaluated[10], "last_step": 10,
+                                      "early_stopped": True}
+
+
 def test_validation_that_gets_worse_stops_early_and_delivers_the_best_checkpoint(drifting_run):
     result, events, metrics, out = drifting_run
     evaluated = {m["step"]: m["valid_loss"] for m in metrics if "valid_loss" in m}
