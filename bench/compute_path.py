@@ -42,22 +42,22 @@ def main(argv=None) -> None:
 
     models_dir = get_settings().models_dir
     install_smollm2(models_dir)
-    child_argv = ["--examples", str(args.examples), "--datasets", args.dataset, "--models-dir", str(models_dir)]
+    child_args = tt.parse_args(["--examples", str(args.examples), "--datasets", args.dataset])
+    child_args.models_dir = models_dir
     runs: dict[str, list[dict]] = {f"{m}:{c}": [] for m in args.modes.split(",") for c in CANDIDATES[m]}
+    context = tt.fork_server()
     with tempfile.TemporaryDirectory(prefix="bench-compute-") as tmp:
-        workdir = Path(tmp)
-        tt.prepare_data(args.dataset, tt.parse_args(child_argv), workdir)
+        child_args.workdir = Path(tmp)
+        tt.prepare_data(args.dataset, child_args, child_args.workdir)
         keys = list(runs)
         for round_no in range(args.rounds):
             shift = round_no % len(keys)
             for key in keys[shift:] + keys[:shift]:
-                mode, candidate = key.split(":")
-                os.environ["LORAJOBS_CPU_COMPUTE"] = candidate
-                result = tt.run_child(f"core:{mode}:{args.dataset}", child_argv, workdir)
+                mode, candidate = key.split(":")  # each run forced to one candidate (LORAJOBS_CPU_COMPUTE)
+                result = tt.run_child(context, f"core:{mode}:{args.dataset}", child_args, candidate, True)
                 runs[key].append(result)
                 print(f"round {round_no + 1} {key}: {result['tokens_per_second']:.1f} tok/s, "
                       f"eval loss {result['final_eval_loss']:.4f}", flush=True)
-    os.environ["LORAJOBS_CPU_COMPUTE"] = "auto"
 
     from worker.training.compute import measured_cpu_path
 
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         print(f"{mode}: the worker's probe chooses {path.choice}; fastest here: {fastest}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": tt.machine_facts(tt.parse_args(child_argv)), "summary": summary, "probe": probe,
+        args.json.write_text(json.dumps({"machine": tt.machine_facts(child_args), "summary": summary, "probe": probe,
                                          "runs": runs}, indent=2) + "\n")
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench.longtail_dataset import write
 from bench.train_throughput import slow_baselines, summarize
 
@@ -46,3 +48,21 @@ def test_a_baseline_far_behind_the_fastest_in_round_1_runs_once():
              "longtail:lora:b1": [_run(100)], "longtail:lora:c1": [_run(80)], "longtail:lora:c2": [_run(74)]}
     # per dataset and mode, against the fastest baseline (never the core; b2 is not a baseline)
     assert slow_baselines(first) == {"demo:lora:c1", "longtail:lora:c2"}
+
+
+def test_one_round_runs_every_variant_and_the_core_trains_exactly_the_baseline_s_rows(tmp_path, smollm2_models_dir):
+    """The whole benchmark, small: forked runs, the summary, the JSON a user reads."""
+    from bench.train_throughput import main
+
+    out = tmp_path / "throughput.json"
+    main(["--datasets", "demo", "--modes", "lora", "--variants", "core,b1,c2", "--rounds", "1", "--examples", "4",
+          "--valid-examples", "2", "--batch-size", "2", "--models-dir", str(smollm2_models_dir), "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert results["partial"] is False and results["machine"]["compute_choice"]["lora"] in (
+        "float32", "bf16-autocast", "bfloat16")
+    variants = results["summary"]["demo"]["lora"]
+    assert set(variants) == {"core", "b1", "c2"} and all(v["runs"] == 1 for v in variants.values())
+    core, b1 = variants["core"], variants["b1"]
+    assert core["real_tokens"] == b1["real_tokens"] > 0 and core["steps"] == b1["steps"] == 2
+    assert core["final_eval_loss"] == pytest.approx(b1["final_eval_loss"], rel=1e-4)  # same rows, same labels
+    assert core["ratios"]["b1"] == core["tokens_per_second"]["median"] / b1["tokens_per_second"]["median"]
