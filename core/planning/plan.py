@@ -106,8 +106,10 @@ def _duration(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, gpu: Gpu
     """(tokens per second, seconds) for the training tokens, from the FLOPs model at the class's utilisation."""
     if training_tokens is None or lengths.mean is None:
         return None, None
-    if spec.packing:  # attention runs per packed example, causal (worker/training/attention.py, flash varlen)
+    if spec.packing and not shape.vision_parameters:  # attention per packed example (worker/training/attention.py)
         sequence, masked, computed_per_token = lengths.mean, False, 1.0
+    elif spec.packing:  # a multimodal model keeps transformers' dense mask over the packed row
+        sequence, masked, computed_per_token = micro * lengths.mean, micro > 1, 1.0
     else:
         sequence, masked, computed_per_token = lengths.padded, micro > 1, lengths.padded / lengths.mean  # padding too
     flops, _ = flops_per_token(shape, adapter, sequence=sequence, masked=masked, gradient_checkpointing=checkpointing)
