@@ -57,6 +57,9 @@ CONFIGS = {
     "p12-e7-b8": {"quantization": "none", "n_epochs": 7, "batch_size": 8, "learning_rate": 1e-3, "lora": ALL_LINEAR},
 }
 MAX_NEW_TOKENS = 32
+# The README's demo catalogue (examples/make_demo_dataset.py): 432 chats about many more facts than `facts`, each in
+# fewer phrasings, and 60 held-out questions phrased differently.
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
 
 def by_part(rows: list[dict], sides: tuple[str, ...] = ("base", "tuned")) -> dict:
@@ -146,7 +149,7 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="facts,style,classify")
+    parser.add_argument("--datasets", default="facts,style,classify", help="of facts, style, classify, demo")
     parser.add_argument("--configs", default="old,new")
     parser.add_argument("--json", type=Path, default=Path("test-output/quality.json"))
     parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each)")
@@ -170,6 +173,7 @@ def main() -> None:
     models_dir = args.models_dir or work / "models"
     install_smollm2(models_dir)
     files = write(work / "data", products=args.products)
+    files["demo"] = (DEMO / "train.jsonl", DEMO / "valid.jsonl")  # the README's catalogue, as a user uploads it
     runs = []
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.datasets.split(","):

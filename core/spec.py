@@ -13,8 +13,19 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 TargetPreset = Literal["attention-qv", "attention", "all-linear"]
 
-BASE_LEARNING_RATE = 2e-4  # the QLoRA paper's rate for models up to 13B; proven on SmolLM2 here
+BASE_LEARNING_RATE = 2e-4  # the QLoRA paper's rate for 7B-13B models, at a batch of 8 and a model 4,096 wide
 DEFAULT_MICRO_BATCH_SIZE = 8
+# `auto` scales the rate with the model's width: narrower models take larger rates. The exponent is LoRA Without
+# Regret's fit for the Llama family (Thinking Machines, 2025: best LoRA rate ∝ width^-0.781), anchored at 2e-4 for
+# the 4,096-wide 7B-8B models; it gives 9.3e-4 at SmolLM2-135M's 576, where 1e-3 learnt facts in a third of the
+# passes 1e-4 needed (docs/benchmarks.md, "Quality"). Capped at 5x (1e-3 at batch 8, the highest rate measured here).
+REFERENCE_WIDTH = 4096
+WIDTH_EXPONENT = 0.781
+MAX_AUTO_MULTIPLIER = 5.0
+MIN_AUTO_MULTIPLIER = 0.5
+# Auto batches hold at least this many examples where the data allows (a quarter of the examples at most): a batch of
+# one trains a small set no better (measured) and runs each example alone, at a fraction of the hardware's rate.
+MIN_AUTO_BATCH_SIZE = 8
 # Auto epochs train at least this many examples in total: a small fact set is only learnt after many passes (measured
 # in docs/benchmarks.md, "Quality"); it is what 3 epochs of 1,000 examples train, so no small set costs more than that.
 MIN_TRAINED_EXAMPLES = 3_000
@@ -131,7 +142,7 @@ class OptimizationSection(BaseModel):
         None, gt=0.0, le=1.0, description="Explicit peak learning rate; excludes learning_rate_multiplier."
     )
     learning_rate_multiplier: float | Literal["auto"] = Field(
-        "auto", description=f"Peak learning rate = multiplier × {BASE_LEARNING_RATE:g}; `auto` by the written rule."
+        "auto", description=f"Peak learning rate = multiplier × {BASE_LEARNING_RATE:g}; `auto` scales it with the batch and the model's width (docs/job-spec.md)."
     )
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of the steps spent warming the rate up from 0.")
@@ -241,8 +252,32 @@ def _auto_epochs(n: int) -> tuple[int, str]:
 
 
 def _auto_batch_size(n: int) -> tuple[int, str]:
-    size = min(MAX_AUTO_BATCH_SIZE, _floor_power_of_two(n / 100))
-    return size, f"largest power of two <= max(1, {n}/100), capped at {MAX_AUTO_BATCH_SIZE} = {size}"
+    floor = min(MIN_AUTO_BATCH_SIZE, _floor_power_of_two(n / 4))
+    size = min(MAX_AUTO_BATCH_SIZE, max(floor, _floor_power_of_two(n / 100)))
+    return size, (f"largest power of two <= {n}/100, at least min({MIN_AUTO_BATCH_SIZE}, largest power of two <= "
+                  f"{n}/4) = {floor}, capped at {MAX_AUTO_BATCH_SIZE} = {size}")
+
+
+def model_width(config: dict | None) -> int | None:
+    """The language model's hidden width from a `config.json` dict (a multimodal one's text model), if it says."""
+    if not config:
+        return None
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = text.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _auto_multiplier(batch_size: int, width: int | None) -> tuple[float, str]:
+    batch_factor = min(2.0, max(0.5, math.sqrt(batch_size / DEFAULT_MICRO_BATCH_SIZE)))
+    width_factor = (REFERENCE_WIDTH / width) ** WIDTH_EXPONENT if width else 1.0
+    multiplier = round(min(MAX_AUTO_MULTIPLIER, max(MIN_AUTO_MULTIPLIER, batch_factor * width_factor)), 4)
+    width_rule = (f" × (width {REFERENCE_WIDTH} / {width})^{WIDTH_EXPONENT}" if width
+                  else " (the model's width unknown: taken as 4096)")
+    return multiplier, (f"sqrt(batch_size {batch_size} / {DEFAULT_MICRO_BATCH_SIZE}) within [0.5, 2]{width_rule}, clamped to "
+                        f"[{MIN_AUTO_MULTIPLIER:g}, {MAX_AUTO_MULTIPLIER:g}] = {multiplier:g}")
 
 
 def _micro_batch_size(batch_size: int, cap: int) -> int:
@@ -250,8 +285,9 @@ def _micro_batch_size(batch_size: int, cap: int) -> int:
     return max(d for d in range(1, min(batch_size, cap) + 1) if batch_size % d == 0)
 
 
-def resolve_auto(spec: JobSpec, n_train_examples: int) -> ResolvedHyperparameters:
-    """Concrete epochs, batch sizes and learning rate for `n_train_examples` examples, with the rule for each auto."""
+def resolve_auto(spec: JobSpec, n_train_examples: int, width: int | None = None) -> ResolvedHyperparameters:
+    """Concrete epochs, batch sizes and learning rate for `n_train_examples` examples on a model `width` wide (its
+    hidden size, `model_width`), with the rule for each auto."""
     n = max(1, n_train_examples)
     rules: dict[str, str] = {}
     n_epochs = spec.n_epochs
@@ -271,10 +307,7 @@ def resolve_auto(spec: JobSpec, n_train_examples: int) -> ResolvedHyperparameter
     else:
         multiplier = spec.learning_rate_multiplier
         if multiplier == "auto":
-            multiplier = min(2.0, max(0.5, math.sqrt(batch_size / DEFAULT_MICRO_BATCH_SIZE)))
-            rules["learning_rate_multiplier"] = (
-                f"sqrt(batch_size {batch_size} / {DEFAULT_MICRO_BATCH_SIZE}) clamped to [0.5, 2] = {multiplier:g}"
-            )
+            multiplier, rules["learning_rate_multiplier"] = _auto_multiplier(batch_size, width)
         learning_rate = multiplier * BASE_LEARNING_RATE
     return ResolvedHyperparameters(
         n_epochs=n_epochs,

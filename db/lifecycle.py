@@ -10,7 +10,7 @@ from core.catalogue import model_config
 from core.errors import InvalidRequest, ModelNotFound
 from core.ids import new_id
 from core.settings import Settings
-from core.spec import JobSpec, resolve_auto
+from core.spec import JobSpec, model_width, resolve_auto
 from core.storage import Storage
 from db import catalogue
 from db.clock import db_now
@@ -80,11 +80,12 @@ def training_examples(spec: JobSpec, training_file: File, *, separate_validation
     return examples
 
 
-def resolve_hyperparameters(job: Job, training_file: File) -> None:
-    """Resolve the spec's `auto` values from the training file's size; the rules are kept with them."""
+def resolve_hyperparameters(job: Job, training_file: File, config: dict | None) -> None:
+    """Resolve the spec's `auto` values from the training file's size and the model's width (its `config.json`);
+    the rules are kept with them."""
     spec = JobSpec.model_validate(job.spec)
     examples = training_examples(spec, training_file, separate_validation=bool(job.validation_file_id)) or 0
-    job.hyperparameters = resolve_auto(spec, examples).model_dump()
+    job.hyperparameters = resolve_auto(spec, examples, model_width(config)).model_dump()
 
 
 def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_validation: bool,
@@ -100,12 +101,14 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
 
 
 def plan_and_place(settings: Settings, job: Job, training_file: File) -> None:
-    """Store the job's plan and the class it trains on; raises DoesNotFit when it fits no configured class."""
+    """Resolve the job's hyperparameters, store its plan and the class it trains on; raises DoesNotFit when it fits
+    no configured class."""
     spec = JobSpec.model_validate(job.spec)
     try:  # the database's catalogue or a local folder (db/catalogue.py)
         config = model_config(catalogue.resolve(object_session(job), settings.models_dir, spec.model))
     except ModelNotFound as exc:
         raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
+    resolve_hyperparameters(job, training_file, config)
     made = plan(settings, spec, training_file, separate_validation=bool(job.validation_file_id), config=config)
     job.plan = made.model_dump(mode="json")
     job.placement = routing.place(settings, spec, made)
@@ -148,7 +151,6 @@ def promote_waiting_jobs(session: Session, settings: Settings, file_row: File) -
         others = [files_repo.get_any(session, fid) for fid in (job.training_file_id, job.validation_file_id) if fid]
         if all(f is not None and f.status == "processed" for f in others):
             training = files_repo.get_any(session, job.training_file_id)
-            resolve_hyperparameters(job, training)
             try:
                 plan_and_place(settings, job, training)
             except InvalidRequest as exc:  # fits no configured class, or its model left the catalogue

@@ -165,7 +165,7 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
         return _replayed(existing, body_hash)
     lifecycle.add_event(session, job, f"Created fine-tuning job {job.id}")
     if ready:
-        lifecycle.resolve_hyperparameters(job, training)
+        lifecycle.resolve_hyperparameters(job, training, config)
         lifecycle.enqueue(session, settings, job)  # warns in an event when no live worker serves its queue
     else:
         lifecycle.add_event(session, job, "Waiting for the dataset's validation to finish")

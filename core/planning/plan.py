@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from core.planning.compute import QUANTIZED_SPEED, GpuClass, default_gpu_classes, flops_per_token
 from core.planning.memory import GIB, MemoryBreakdown, TrainingSetup, estimate_memory, worker_optimizer
 from core.planning.params import AdapterCounts, ModelShape, UnsupportedModel, adapter_counts, model_shape
-from core.spec import ResolvedHyperparameters, JobSpec, resolve_auto
+from core.spec import ResolvedHyperparameters, JobSpec, model_width, resolve_auto
 
 PLAN_OBJECT = "fine_tuning.job.plan"
 # Without a training file, an `auto` batch size resolves as for this many examples: the default micro-batch of 8.
@@ -149,8 +149,8 @@ def _smallest_fitting(classes: list[ClassPlan]) -> ClassPlan | None:
     return next((c for c in _routing_order(classes) if c.fits), None)
 
 
-def _hyperparameters(spec: JobSpec, n_examples: int | None) -> ResolvedHyperparameters:
-    return resolve_auto(spec, n_examples if n_examples is not None else EXAMPLES_WHEN_UNKNOWN)
+def _hyperparameters(spec: JobSpec, n_examples: int | None, config: dict) -> ResolvedHyperparameters:
+    return resolve_auto(spec, n_examples if n_examples is not None else EXAMPLES_WHEN_UNKNOWN, model_width(config))
 
 
 def _classes_for(config: dict, spec: JobSpec, shape: ModelShape, hp: ResolvedHyperparameters, lengths: Lengths,
@@ -238,7 +238,7 @@ def make_plan(config: dict, spec: JobSpec, *, token_stats: dict | None = None, n
     lengths = example_lengths(spec, token_stats)
     if n_examples is None and token_stats and token_stats.get("count"):
         n_examples = int(token_stats["count"])
-    hp = _hyperparameters(spec, n_examples)
+    hp = _hyperparameters(spec, n_examples, config)
     training_tokens = steps = None
     if n_examples is not None:
         steps = hp.n_epochs * math.ceil(n_examples / hp.batch_size)

@@ -43,6 +43,17 @@ def test_trained_tokens_is_null_until_the_job_has_finished(trained, openai_clien
     assert cancelled.status == "cancelled"
 
 
+def test_the_auto_learning_rate_follows_the_models_width_and_the_worker_trains_at_it(trained):
+    resolved = trained.job.model_extra["resolved_hyperparameters"]
+    # The tiny test model is 64 wide: sqrt(4 / 8) × (4096 / 64)^0.781 is far above the cap of 5 × 2e-4.
+    assert "(width 4096 / 64)^0.781" in resolved["auto_rules"]["learning_rate_multiplier"]
+    assert resolved["learning_rate"] == pytest.approx(1e-3) and trained.job.hyperparameters.learning_rate_multiplier == 5
+    rows = trained.client.files.content(trained.job.result_files[0]).text.splitlines()
+    column = rows[0].split(",").index("learning_rate")
+    rates = [float(row.split(",")[column]) for row in rows[1:] if row.split(",")[column]]
+    assert max(rates) == pytest.approx(1e-3)  # the peak of the worker's schedule: what the API said
+
+
 def test_merged_models_quota_refuses_another_merge_until_a_model_is_deleted(trained, settings):
     client = trained.client
     second = wait_status(client, create_job(client, trained.file_id, hyperparameters={"n_epochs": 1,

@@ -6,7 +6,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from core.spec import JobSpec, resolve_auto
+from core.spec import JobSpec, model_width, resolve_auto
 
 
 def refused_fields(**fields) -> list[str]:
@@ -61,8 +61,8 @@ def test_openai_style_body_round_trips_through_json():
 
 
 @pytest.mark.parametrize(("n", "epochs", "batch", "micro"), [
-    (20, 25, 1, 1), (48, 25, 1, 1), (144, 21, 1, 1), (200, 15, 2, 2), (1000, 3, 8, 8), (3000, 3, 16, 8),
-    (20_000, 1, 64, 8),
+    (3, 25, 1, 1), (20, 25, 4, 4), (48, 25, 8, 8), (144, 21, 8, 8), (200, 15, 8, 8), (1000, 3, 8, 8),
+    (3000, 3, 16, 8), (20_000, 1, 64, 8),
 ])
 def test_auto_values_follow_the_written_rule(n, epochs, batch, micro):
     hp = resolve_auto(JobSpec(model="m"), n)
@@ -83,6 +83,41 @@ def test_auto_learning_rate_scales_with_the_square_root_of_the_batch():
     assert resolve_auto(JobSpec(model="m", batch_size=8), 100).learning_rate == pytest.approx(2e-4)
     assert resolve_auto(JobSpec(model="m", batch_size=32), 100).learning_rate == pytest.approx(4e-4)
     assert resolve_auto(JobSpec(model="m", batch_size=1), 100).learning_rate == pytest.approx(1e-4)
+    assert resolve_auto(JobSpec(model="m", batch_size=256), 100).learning_rate == pytest.approx(4e-4)  # at most 2x
+
+
+@pytest.mark.parametrize(("width", "rate"), [
+    (576, 9.255e-4),  # SmolLM2-135M: where 1e-3 at batch 8 learnt facts in a third of the passes (benchmarks.md)
+    (2048, 3.437e-4),  # 1B-2B models
+    (4096, 2e-4),  # Llama 2/3 7B-8B, Mistral 7B: the QLoRA paper's rate
+    (8192, 1.164e-4),  # 70B
+    (16384, 1e-4),  # at least half the base rate
+    (64, 1e-3),  # a tiny test model: at most 1e-3, the highest rate measured
+    (None, 2e-4),  # width unknown: as a 7B
+])
+def test_auto_learning_rate_falls_with_the_models_width(width, rate):
+    hp = resolve_auto(JobSpec(model="m", batch_size=8), 100, width)
+    assert hp.learning_rate == pytest.approx(rate, rel=1e-3)
+    assert hp.learning_rate_multiplier == pytest.approx(rate / 2e-4, rel=1e-3)
+    rule = hp.auto_rules["learning_rate_multiplier"]
+    assert (f"(width 4096 / {width})^0.781" in rule) if width else ("width unknown" in rule)
+
+
+def test_explicit_learning_rate_or_multiplier_ignores_the_width():
+    assert resolve_auto(JobSpec(model="m", learning_rate=3e-5), 100, 576).learning_rate == 3e-5
+    hp = resolve_auto(JobSpec(model="m", batch_size=8, learning_rate_multiplier=1.0), 100, 576)
+    assert hp.learning_rate == pytest.approx(2e-4) and "learning_rate_multiplier" not in hp.auto_rules
+
+
+@pytest.mark.parametrize(("config", "width"), [
+    ({"model_type": "llama", "hidden_size": 4096}, 4096),
+    ({"model_type": "gpt2", "n_embd": 768}, 768),
+    ({"model_type": "llava", "text_config": {"hidden_size": 5120}, "vision_config": {"hidden_size": 1024}}, 5120),
+    ({"model_type": "mystery"}, None),
+    (None, None),
+])
+def test_model_width_reads_the_language_models_hidden_size(config, width):
+    assert model_width(config) == width
 
 
 def test_explicit_values_pass_through_without_rules():

@@ -154,6 +154,13 @@ def check_4bit_layout(model) -> None:
         )
 
 
+def base_config(model_id: str, models_dir: Path) -> dict:
+    """The base model's `config.json` as a dict (read, nothing loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source(models_dir, model_id)).to_dict()
+
+
 def load_base_model(spec: JobSpec, models_dir: Path, device: str, gradient_checkpointing: bool | None = None):
     """Load model: the frozen base, 4-bit and prepared for k-bit training when the spec quantizes it.
 
@@ -162,13 +169,11 @@ def load_base_model(spec: JobSpec, models_dir: Path, device: str, gradient_check
     """
     from transformers import AutoModelForCausalLM
 
-    from transformers import AutoConfig
-
     source = model_source(models_dir, spec.model)
     bnb_config = to_bnb_config(spec, device)
     kwargs = {"dtype": base_dtype(spec, device)}
     if bnb_config is not None:
-        check_quantization(AutoConfig.from_pretrained(source).to_dict(), spec.quantization)
+        check_quantization(base_config(spec.model, models_dir), spec.quantization)
         kwargs.update(quantization_config=bnb_config, device_map={"": 0} if device == "cuda" else {"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False  # padding-free packing is only correct without the KV cache

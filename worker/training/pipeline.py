@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.archives import sha256_file
 from core.errors import InvalidRequest
-from core.spec import JobSpec, ResolvedHyperparameters, resolve_auto
+from core.spec import JobSpec, ResolvedHyperparameters, model_width, resolve_auto
 from worker.catalogue import base_provenance
 from worker.training.answers import answerer, report_answers
 from worker.training.artifacts import (
@@ -36,6 +36,7 @@ from worker.training.evaluate import evaluate_model
 from worker.training.hooks import TrainingHooks
 from worker.training.model import (
     attach_adapter,
+    base_config,
     check_4bit_layout,
     compute_description,
     load_adapter_model,
@@ -244,7 +245,7 @@ def train(
     dropped = _dropped(train_data, valid_data)
     if dropped["count"]:
         hooks.event("warning", f"Dropped {dropped['count']} examples: {dropped['reasons']}.")
-    hp = resolve_auto(spec, len(train_data.rows))
+    hp = resolve_auto(spec, len(train_data.rows), model_width(base_config(spec.model, models_dir)))
     collator = make_collator(spec.packing, tokenizer)
 
     set_seed(spec.seed)  # the adapter's initial weights
