@@ -12,13 +12,30 @@ from worker.resilience import pool_children
 
 @worker_shutting_down.connect
 def _tell_pool_processes(**_) -> None:
-    """SIGTERM or Ctrl-C reached the main process only (`docker stop`, a terminal): pass it on to the pool, whose
-    training then releases its job (an idle one ends); the main process waits for the tasks to end (a warm shutdown)."""
-    for pid in pool_children():
+    """SIGTERM or Ctrl-C reached the main process only (`docker stop`, a terminal): pass it on to the pool processes
+    that run a task, whose training then releases its job; the main process waits for the tasks to end (a warm
+    shutdown) and then stops the idle ones itself."""
+    for pid in busy_pool_processes():
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
+
+
+def busy_pool_processes() -> list[int]:
+    """The pool processes running a task; all of them while a task is reserved but no process has accepted it yet.
+
+    An idle one is left alone: SIGTERM ended it at once, and billiard's pool then hung in its warm shutdown (the
+    main process blocked for good writing the stop sentinels to the pool's queue, until `lorajobs up` killed it
+    after 90 s), seen right after a job had trained."""
+    from celery.worker import state
+
+    children = pool_children()
+    accepted = list(state.active_requests)
+    if any(r.worker_pid is None for r in accepted) or set(state.reserved_requests) - set(accepted):
+        return children
+    running = {r.worker_pid for r in accepted}
+    return [pid for pid in children if pid in running]
 
 
 @shared_task(name=queue.PING)

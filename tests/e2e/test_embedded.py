@@ -97,8 +97,8 @@ def test_lorajobs_up_serves_everything_restarts_a_dead_worker_and_stops_cleanly(
                 process.kill()
             wait_for(lambda: (w := gpu_worker()) is not None and w.pid != dead.pid, 30, "a new gpu worker")
             wait_for(lambda: b"worker-gpu exited with code" in log_path.read_bytes(), 10, "the restart log line")
-            # Stop once the new worker is up: a Celery worker sent SIGTERM while it is still booting does not exit
-            # (it then waits for the 90 s kill), a leftover of `up` noted in docs, not what this test is about.
+            # Stop once the new worker is up: a Celery worker sent SIGTERM while it is still booting may not exit
+            # (it then waits for the 90 s kill), a leftover of `up`, not what this test is about.
             wait_for(lambda: len(re.findall(rb"gpu@\S+ ready\.", log_path.read_bytes())) >= 2, 60,
                      "the new gpu worker ready")
         finally:
