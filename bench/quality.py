@@ -40,7 +40,7 @@ QV = {"r": 16, "target_modules": "attention-qv"}
 CONFIGS = {
     "old": {"quantization": "none", "early_stopping_patience": None, "n_epochs": 3, "batch_size": 1,
             "learning_rate": 1e-4, "lora": QV},
-    "defaults": {"quantization": "none"},
+    "defaults": {},  # quantization `auto`: plain LoRA here, as the 16-bit base fits this CPU
     "new": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3, "lora": ALL_LINEAR},
     # Ablation: only the batch and the learning rate of `new` (epochs and q/v targets as `old`).
     "lr": {"quantization": "none", "n_epochs": 3, "batch_size": 8, "learning_rate": 1e-3, "lora": QV},
@@ -100,29 +100,32 @@ def answer_checkpoints(checkpoints: list[Path], models_dir: Path, tokenizer, pro
 
 
 def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file: Path, models_dir: Path, out: Path,
-        curve_every: int | None = None) -> dict:
+        curve_every: int | None = None, seed: int = 0) -> dict:
     from worker.catalogue import SMOLLM2_ID
     from worker.training import TrainingHooks, train
     from worker.training.answers import answer_side_by_side, sample_prompts
     from worker.training.data import read_examples
     from worker.training.model import adapter_tokenizer, load_adapter_model
 
-    fields = {"quantization": "none"} | spec_fields
+    fields = dict(spec_fields)
     if curve_every:
         fields["save_total_limit"] = None  # keep every epoch's checkpoint (up to the cap) to answer with them
-    spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=0, answer_samples=0, **fields)
+    spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=seed, answer_samples=0, **fields)
     evaluations = []
 
     def progress(p: dict) -> None:  # a line now and then: runs here take many minutes
         if p["step"] % 20 == 0:
             print(f"{name}/{config}: step {p['step']}/{p['total_steps']} loss {p['loss']:.3f}", file=sys.stderr, flush=True)
 
+    def event(level: str, message: str) -> None:
+        print(f"{name}/{config}: {message}", file=sys.stderr, flush=True)
+
     def evaluated(m: dict) -> None:
         if "valid_loss" in m:
             evaluations.append(m)
             print(f"{name}/{config}: step {m['step']} valid_loss {m['valid_loss']:.4f}", file=sys.stderr, flush=True)
 
-    hooks = TrainingHooks(on_metrics=evaluated, on_progress=progress)
+    hooks = TrainingHooks(on_metrics=evaluated, on_progress=progress, on_event=event)
     started = time.monotonic()
     result = train(spec, train_file, valid_file, out, hooks, models_dir=models_dir)
     model = load_adapter_model(result.adapter_dir, models_dir)
@@ -136,7 +139,8 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
         chosen = [c for i, c in enumerate(checkpoints, 1) if i % curve_every == 0 or i == len(checkpoints)]
         curve = answer_checkpoints(chosen, models_dir, tokenizer, prompts)
     return {
-        "dataset": name, "config": config, "spec": spec_fields, "hyperparameters": result.hyperparameters,
+        "dataset": name, "config": config, "spec": spec_fields, "seed": seed, "quantization": result.quantization,
+        "hyperparameters": result.hyperparameters,
         "trainable_parameters": result.parameters["trainable_parameters"],
         "steps": result.steps, "total_steps": result.total_steps, "best_checkpoint": result.best_checkpoint,
         "baseline_loss": result.baseline_eval["loss"], "final_loss": result.final_eval["loss"],
@@ -158,6 +162,7 @@ def main() -> None:
                         help="another configuration: spec fields as JSON (repeatable; run after --configs)")
     parser.add_argument("--curve", type=int, metavar="K", help="also answer with every K-th epoch's checkpoint")
     parser.add_argument("--threads", type=int, help="torch threads (two runs side by side: 1 each)")
+    parser.add_argument("--seed", type=int, default=0, help="the jobs' seed (the adapter's initial weights, the order)")
     args = parser.parse_args()
     configs = {name: CONFIGS[name] for name in args.configs.split(",") if name}
     for extra in args.extra:
@@ -178,7 +183,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.datasets.split(","):
         for config, fields in configs.items():
-            runs.append(run(name, config, fields, *files[name], models_dir, work / f"{name}-{config}", args.curve))
+            runs.append(run(name, config, fields, *files[name], models_dir, work / f"{name}-{config}", args.curve,
+                            args.seed))
             line = {k: v for k, v in runs[-1].items() if k not in ("answers", "curve")}
             print(json.dumps(line), flush=True)
             args.json.write_text(json.dumps({"runs": runs, "load_average": os.getloadavg()}, indent=2))

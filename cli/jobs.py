@@ -26,7 +26,7 @@ def register(sub) -> None:
     create.add_argument("--file", required=True, help="Training file id.")
     create.add_argument("--validation-file")
     create.add_argument("--suffix")
-    create.add_argument("--quantization", choices=("nf4", "fp4", "none"))
+    create.add_argument("--quantization", choices=("auto", "nf4", "fp4", "none"))
     create.add_argument("--epochs", type=int)
     create.add_argument("--learning-rate", type=float)
     create.add_argument("--max-seq-length", type=int)

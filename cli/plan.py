@@ -23,7 +23,7 @@ def register(sub) -> None:
     source.add_argument("--config", type=Path, help="A model's config.json, to size hardware before downloading it.")
     parser.add_argument("--models-dir", type=Path, default=None, help="Catalogue folder (LORAJOBS_MODELS_DIR).")
     parser.add_argument("--spec", type=Path, help="A JSON file of job-spec fields (docs/job-spec.md); flags override it.")
-    parser.add_argument("--quantization", choices=("nf4", "fp4", "none"))
+    parser.add_argument("--quantization", choices=("auto", "nf4", "fp4", "none"))
     parser.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization.")
     parser.add_argument("--r", type=int, help="LoRA rank.")
     parser.add_argument("--target-modules", help=f"A preset ({', '.join(PRESETS)}) or comma-separated layer names.")
@@ -118,7 +118,7 @@ def render(plan: Plan, spec: JobSpec) -> str:
                      f"{', '.join(plan.adapted_modules)} ({plan.adapted_layers} adapted linear layers)")
     else:
         lines.append(f"{plan.model} ({plan.model_type or 'unknown type'})")
-    base = "LoRA, bf16 base (fp32 on a CPU)" if plan.quantization == "none" else \
+    base = "LoRA, 16-bit base (bf16 or fp32 on a CPU, as measured)" if plan.quantization == "none" else \
         f"QLoRA {plan.quantization}{' + double quant' if spec.double_quant else ''}"
     data = f"max_seq_length {plan.max_seq_length}, batch {plan.batch_size}, {plan.n_epochs} epochs"
     if plan.training_tokens is not None:

@@ -117,11 +117,17 @@ def resolve_targets(config: dict, target_modules: list[str] | str, *, param: str
     return ResolvedTargets(model_type, _scoped(names, multimodal), names, multimodal)
 
 
+def holds_4bit(config: dict) -> bool:
+    """Whether transformers can hold this architecture's base in 4 bits (unknown architectures are tried)."""
+    arch = ARCHITECTURES.get(text_model_type(config)[0])
+    return not (arch is not None and arch.no_4bit)
+
+
 def check_quantization(config: dict, quantization: str) -> None:
     """Refuse 4-bit quantization for an architecture transformers cannot quantize (it would silently train in 16 bit)."""
     model_type, _ = text_model_type(config)
-    arch = ARCHITECTURES.get(model_type)
-    if quantization != "none" and arch is not None and arch.no_4bit:
+    if quantization not in ("none", "auto") and not holds_4bit(config):
+        arch = ARCHITECTURES[model_type]
         raise InvalidRequest(f"quantization '{quantization}' is not possible for {model_type}: {arch.no_4bit}. Use "
                              "quantization 'none' (LoRA on the 16-bit base).", param="quantization",
                              code="quantization_unsupported")

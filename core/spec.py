@@ -88,8 +88,13 @@ class ModelSection(BaseModel):
     model_config = _STRICT
 
     model: str = Field(..., min_length=1, description="Base model id from the catalogue (or a hub id where online).")
-    quantization: Literal["nf4", "fp4", "none"] = Field(
-        "nf4", description="Frozen base in 4-bit NF4 (QLoRA), 4-bit FP4, or `none` (plain LoRA: bf16 on GPU, fp32 on CPU)."
+    quantization: Literal["auto", "nf4", "fp4", "none"] = Field(
+        "auto",
+        description=(
+            "Frozen base in 4-bit NF4 (QLoRA), 4-bit FP4, or `none` (plain LoRA: bf16 on GPU, bf16 or fp32 on CPU); "
+            "`auto` (the default) is `none` where the job's plan fits a configured class with the 16-bit base, else "
+            "`nf4` (docs/job-spec.md)."
+        ),
     )
     double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves ~0.37 bit/parameter); 4-bit only.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -217,10 +222,11 @@ class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection)
                     "JobSpec", "micro_batch_size", self.micro_batch_size,
                     f"must divide batch_size ({self.batch_size}) exactly",
                 )
-        if self.quantization == "none" and self.compute_dtype == "float16":
+        if self.quantization in ("none", "auto") and self.compute_dtype == "float16":
             raise _refuse(
                 "JobSpec", "compute_dtype", self.compute_dtype,
-                "float16 applies to 4-bit layers only; plain LoRA keeps the base in bf16 (GPU) or fp32 (CPU)",
+                "float16 applies to 4-bit layers only (set quantization 'nf4' or 'fp4'); plain LoRA keeps the base "
+                "in bf16 (GPU) or bf16/fp32 (CPU)",
             )
         return self
 

@@ -100,6 +100,12 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
     return made
 
 
+def settle_quantization(spec: JobSpec, made) -> JobSpec:
+    """The spec with quantization `auto` replaced by the plan's choice (made from the file's token statistics,
+    once: the job keeps it through retries and resumes)."""
+    return spec.model_copy(update={"quantization": made.quantization}) if spec.quantization == "auto" else spec
+
+
 def plan_and_place(settings: Settings, job: Job, training_file: File) -> None:
     """Resolve the job's hyperparameters, store its plan and the class it trains on; raises DoesNotFit when it fits
     no configured class."""
@@ -110,6 +116,9 @@ def plan_and_place(settings: Settings, job: Job, training_file: File) -> None:
         raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
     resolve_hyperparameters(job, training_file, config)
     made = plan(settings, spec, training_file, separate_validation=bool(job.validation_file_id), config=config)
+    if training_file.status == "processed":  # a job still waiting for its file keeps `auto` until then
+        spec = settle_quantization(spec, made)
+        job.spec = {**job.spec, "quantization": spec.quantization}
     job.plan = made.model_dump(mode="json")
     job.placement = routing.place(settings, spec, made)
 

@@ -1,7 +1,7 @@
 """The new-job form: its fields with the job spec's own defaults and descriptions, and the body it submits."""
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
@@ -12,7 +12,7 @@ from core.spec import JobSpec, LoraSpec
 from db.models import Job
 
 TARGET_PRESETS = ("attention-qv", "attention", "all-linear")
-QUANTIZATIONS = ("nf4", "fp4", "none")
+QUANTIZATIONS = get_args(JobSpec.model_fields["quantization"].annotation)  # `auto` first: the default
 # Where the API may name a knob the form shows under another name.
 PARAM_ALIASES = {"method.supervised.hyperparameters.": "", "hyperparameters.": ""}
 

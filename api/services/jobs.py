@@ -143,6 +143,8 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
     _check_trainable(training.report, spec, "training_file")
     ready = all(f.status == "processed" for f in (training, validation) if f is not None)
     plan = lifecycle.plan(settings, spec, training, separate_validation=validation is not None, config=config)
+    if ready:
+        spec = lifecycle.settle_quantization(spec, plan)
     placement = routing.place(settings, spec, plan) if ready else None
     if placement is not None:
         _note_unserved(session, plan, placement)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from core.architectures import holds_4bit
 from core.planning.compute import QUANTIZED_SPEED, GpuClass, default_gpu_classes, flops_per_token
 from core.planning.memory import GIB, MemoryBreakdown, TrainingSetup, estimate_memory, worker_optimizer
 from core.planning.params import AdapterCounts, ModelShape, UnsupportedModel, adapter_counts, model_shape
@@ -21,6 +22,8 @@ EXAMPLES_WHEN_UNKNOWN = 800
 SHORTEST_ADVISED_SEQUENCE = 256
 SMALLEST_ADVISED_RANK = 4
 TIGHT_HEADROOM = 0.05  # below this share of a class's memory left free, the plan says the fit is tight
+# Quantization `auto` keeps the 16-bit base only where it leaves this much free: the estimate aims at ±15 %.
+AUTO_HEADROOM = 0.15
 
 
 class ClassPlan(BaseModel):
@@ -233,8 +236,42 @@ def make_plan(config: dict, spec: JobSpec, *, token_stats: dict | None = None, n
 
     `token_stats` is the training file's report entry for this model (`report["token_stats"][model]`);
     `n_examples` the examples trained on (after the validation split), by default the statistics' count.
+    Quantization `auto` is resolved here: the plan's `quantization` is the one chosen, and a note says why.
     """
     gpu_classes = gpu_classes if gpu_classes is not None else default_gpu_classes()
+    if spec.quantization != "auto":
+        return _make_plan(config, spec, token_stats, n_examples, gpu_classes)
+    return _resolve_quantization(config, spec, token_stats, n_examples, gpu_classes)
+
+
+def _resolve_quantization(config: dict, spec: JobSpec, token_stats: dict | None, n_examples: int | None,
+                          gpu_classes: list[GpuClass]) -> Plan:
+    """`auto`: LoRA on the 16-bit base wherever that fits a class, 4-bit NF4 (QLoRA) only where it fits nowhere.
+
+    The adapter is served on the full-precision base; trained over a 4-bit base it also learns that base's rounding,
+    which costs held-out quality where it is served (docs/job-spec.md). On a GPU the 16-bit base is faster too.
+    """
+    plain = _make_plan(config, spec.model_copy(update={"quantization": "none"}), token_stats, n_examples, gpu_classes)
+    roomy = next((c for c in _routing_order(plain.classes)
+                  if c.fits and c.memory.peak <= (1 - AUTO_HEADROOM) * c.memory_gib * GIB), None)
+    if roomy is not None:
+        plain.notes.insert(0, f"quantization 'auto' chose 'none' (LoRA on the 16-bit base): it fits {roomy.name} "
+                              f"(predicted {roomy.memory.peak / GIB:.1f} of {roomy.memory_gib:g} GiB); 4-bit only "
+                              "where it would fit no class with room to spare.")
+        return plain
+    if not holds_4bit(config):
+        plain.notes.insert(0, "quantization 'auto' chose 'none': this architecture cannot be held in 4 bits.")
+        return plain
+    quantized = _make_plan(config, spec.model_copy(update={"quantization": "nf4"}), token_stats, n_examples,
+                           gpu_classes)
+    why = "the model's memory is unknown" if all(c.fits is None for c in plain.classes) else \
+        "the 16-bit base fits no configured class with 15 % of its memory to spare"
+    quantized.notes.insert(0, f"quantization 'auto' chose 'nf4' (QLoRA): {why}.")
+    return quantized
+
+
+def _make_plan(config: dict, spec: JobSpec, token_stats: dict | None, n_examples: int | None,
+               gpu_classes: list[GpuClass]) -> Plan:
     lengths = example_lengths(spec, token_stats)
     if n_examples is None and token_stats and token_stats.get("count"):
         n_examples = int(token_stats["count"])

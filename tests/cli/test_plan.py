@@ -33,7 +33,7 @@ def test_a_bare_config_gets_a_table_with_counts_fit_and_duration(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "Llama-2-7b-hf (llama): 4,194,304 trainable of 6,742,609,920 parameters (0.0622 %)" in out
-    assert "LoRA, bf16 base (fp32 on a CPU); max_seq_length 512, batch 16, 3 epochs, 1,800,000 tokens, 375 steps" in out
+    assert "LoRA, 16-bit base (bf16 or fp32 on a CPU, as measured); max_seq_length 512, batch 16, 3 epochs, 1,800,000 tokens, 375 steps" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("gpu-")}
     assert set(rows) == {"gpu-24g", "gpu-48g", "gpu-80g"}
     assert rows["gpu-24g"][2] == "yes" and rows["gpu-24g"][-1] in ("min", "h")  # a duration, e.g. "38.2 min"
@@ -58,7 +58,15 @@ def test_a_catalogue_model_is_planned_from_its_folder(tmp_path):
                           "--json", *GPUS)
     assert found.returncode == 0, found.stdout + found.stderr
     plan = json.loads(found.stdout)
-    assert plan["model"] == "meta-llama/Llama-2-7b-hf" and plan["quantization"] == "nf4"
+    # quantization `auto`: the 16-bit base fits a 48 GB card with room (a 24 GB one only just), so LoRA over it
+    assert plan["model"] == "meta-llama/Llama-2-7b-hf" and plan["quantization"] == "none"
+    assert plan["notes"][0].startswith("quantization 'auto' chose 'none' (LoRA on the 16-bit base): it fits gpu-48g")
+    # on 16 GB cards the 7B's 13.5 GB of 16-bit weights leave too little: 4 bits
+    small = lorajobs_plan("--model", "meta-llama/Llama-2-7b-hf", "--models-dir", str(tmp_path / "models"),
+                          "--gpu-classes", "card-16g:15.5", "--max-seq-length", "2048")
+    assert small.returncode == 0, small.stdout + small.stderr
+    assert "QLoRA nf4 + double quant;" in small.stdout
+    assert "quantization 'auto' chose 'nf4' (QLoRA): the 16-bit base fits no configured class with 15 % of its memory to spare." in small.stdout
     missing = lorajobs_plan("--model", "nobody/nothing", "--models-dir", str(tmp_path / "models"))
     assert missing.returncode == 1 and "not in the catalogue" in missing.stdout
 

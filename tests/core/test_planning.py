@@ -150,7 +150,10 @@ def test_an_unmodelled_architecture_gets_no_counts_and_says_why():
     assert plan.trainable_parameters is plan.total_parameters is None
     assert all(c.fits is None and c.memory is None for c in plan.classes)
     assert plan.smallest_fitting_class is None
-    assert "mamba" in plan.notes[0] and "not modelled" in plan.notes[0]
+    assert any("mamba" in note and "not modelled" in note for note in plan.notes)
+    # with no memory to go by, `auto` keeps the base in 4 bits: the smaller of the two
+    assert plan.quantization == "nf4" and plan.notes[0] == \
+        "quantization 'auto' chose 'nf4' (QLoRA): the model's memory is unknown."
     with pytest.raises(UnsupportedModel):
         model_shape({"model_type": "gpt2", "n_embd": 64, "add_cross_attention": True})
 
@@ -304,10 +307,41 @@ def test_when_nothing_fits_the_advice_says_what_would():
     assert plan.advice[0].startswith("Nothing tried fits gpu-24g")
 
 
+def test_auto_quantization_keeps_the_16_bit_base_wherever_it_fits():
+    stats = {"count": 1000, "mean": 300, "p95": 500, "max": 512}
+    seven = make_plan(LLAMA_2_7B, JobSpec(model="llama-2-7b", max_seq_length=512), token_stats=stats, gpu_classes=GPUS)
+    assert seven.quantization == "none" and seven.smallest_fitting_class == "gpu-24g"
+    assert seven.notes[0].startswith("quantization 'auto' chose 'none' (LoRA on the 16-bit base): it fits gpu-24g "
+                                     "(predicted ")
+    # 70B in 16 bits (about 138 GB of weights) would fill a 141 GB card to the last 2 GiB, where the estimate aims at
+    # ±15 %: the base goes to 4 bits, and fits a 48 GB card
+    seventy = make_plan(LLAMA_2_70B, JobSpec(model="llama-2-70b", max_seq_length=512), token_stats=stats,
+                        gpu_classes=GPUS)
+    assert seventy.quantization == "nf4" and seventy.smallest_fitting_class == "gpu-48g"
+    assert seventy.notes[0] == ("quantization 'auto' chose 'nf4' (QLoRA): the 16-bit base fits no configured class "
+                                "with 15 % of its memory to spare.")
+    assert seventy.classes[0].memory.quantized_weights > 0
+    tight = make_plan(LLAMA_2_70B, JobSpec(model="llama-2-70b", quantization="none", max_seq_length=512),
+                      token_stats=stats, gpu_classes=GPUS)
+    assert tight.smallest_fitting_class == "gpu-141g" and tight.classes[-1].memory.peak > 0.85 * 140 * GIB
+    # an explicit choice is kept, fit or not
+    kept = make_plan(LLAMA_2_70B, JobSpec(model="llama-2-70b", quantization="none", max_seq_length=512),
+                     token_stats=stats, gpu_classes=[GPU_CLASSES["gpu-80g"]])
+    assert kept.quantization == "none" and kept.smallest_fitting_class is None
+    assert not any(note.startswith("quantization 'auto'") for note in kept.notes)
+
+
+def test_auto_quantization_never_picks_4_bits_for_an_architecture_that_cannot_hold_them():
+    plan = make_plan(FAMILIES["falcon-7b-layout"], JobSpec(model="falcon-7b", max_seq_length=512),
+                     gpu_classes=[GpuClass(name="card-8g", memory_gib=8, tflops=100)])
+    assert plan.quantization == "none" and plan.smallest_fitting_class is None
+    assert plan.notes[0] == "quantization 'auto' chose 'none': this architecture cannot be held in 4 bits."
+
+
 def test_mixtral_experts_stay_unquantized_with_qlora():
     config = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "vocab_size": 32000}
-    plan = make_plan(config, JobSpec(model="mixtral", max_seq_length=512), gpu_classes=GPUS)
+    plan = make_plan(config, JobSpec(model="mixtral", quantization="nf4", max_seq_length=512), gpu_classes=GPUS)
     assert plan.total_parameters - plan.trainable_parameters == 46_702_792_704  # Mixtral-8x7B
     assert plan.classes[-1].memory.full_precision_weights > 4 * 45e9
     assert any("experts" in note for note in plan.notes)

@@ -210,6 +210,7 @@ def test_check_the_plan_before_creating_and_see_it_on_the_job_page(stack, settin
     page = new_page()
     sign_in(page, stack.url, key.key)
     page.goto(f"{stack.url}/jobs/new?training_file={training_file}")
+    expect(page.get_by_label("Quantization")).to_have_value("auto")  # the spec's default, chosen by the plan
     fill_job_form(page, TINY_MODEL_ID, r="4", epochs="1", batch_size="4", max_seq_length="64", eval_steps="20",
                   save_steps="60")
     page.get_by_role("button", name="Check plan").click()

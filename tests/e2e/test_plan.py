@@ -52,6 +52,21 @@ def test_a_dry_run_while_the_file_validates_says_what_it_does_not_know(openai_cl
         assert any("still being validated" in note for note in plan["notes"])
 
 
+def test_quantization_auto_is_settled_by_the_plan_once_the_file_is_validated(openai_client):
+    uploaded = openai_client.files.create(file=("train.jsonl", support_dataset(24)), purpose="fine-tune")
+    job = create_job(openai_client, uploaded.id, quantization="auto")
+    if job.status == "validating_files":  # not chosen before the file's token statistics are known
+        assert job.model_extra["quantization"] == "auto"
+    done = wait_status(openai_client, job.id)
+    assert done.status == "succeeded", done.error
+    # The tiny model's 16-bit base fits this CPU: plain LoRA, said in the plan; the worker had nothing to choose.
+    assert done.model_extra["quantization"] == "none" and done.model_extra["plan"]["quantization"] == "none"
+    assert done.model_extra["plan"]["notes"][0].startswith("quantization 'auto' chose 'none' (LoRA on the 16-bit "
+                                                           "base): it fits ")
+    assert not any(e.message.startswith("quantization 'auto'") for e in all_events(openai_client, job.id))
+    assert done.model_extra.get("served_eval") is None
+
+
 @pytest.fixture
 def classes_stack(settings):
     """An API routing to two classes, with a broker namespace of its own and a dataset worker."""

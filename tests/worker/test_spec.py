@@ -15,9 +15,9 @@ def refused_fields(**fields) -> list[str]:
     return [".".join(map(str, e["loc"])) for e in error.value.errors()]
 
 
-def test_defaults_are_qlora_nf4_on_all_linear_layers():
+def test_defaults_are_auto_quantization_on_all_linear_layers():
     spec = JobSpec(model="tiny/llama")
-    assert (spec.quantization, spec.double_quant, spec.compute_dtype) == ("nf4", True, "auto")
+    assert (spec.quantization, spec.double_quant, spec.compute_dtype) == ("auto", True, "auto")
     assert (spec.lora.r, spec.lora.effective_alpha, spec.lora.target_modules) == (16, 32, "all-linear")
     assert spec.packing and not spec.train_on_inputs
     assert (spec.n_epochs, spec.batch_size, spec.learning_rate_multiplier) == ("auto", "auto", "auto")

@@ -38,6 +38,7 @@ class TrainingResult:
     quality: dict | None = None  # exact match and key facts over the held-out sample, base and tuned (answers.py)
     answers: list | None = None  # that sample: prompt, expected, base and tuned answers with their scores
     compute: str | None = None  # the compute path and why (worker/training/compute.py)
+    quantization: str = "none"  # the base's: the spec's, or what `auto` chose (core/planning/plan.py)
 
     def to_dict(self) -> dict:
         data = asdict(self)

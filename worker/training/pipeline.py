@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.archives import sha256_file
 from core.errors import InvalidRequest
+from core.planning import GpuClass, cpu_class, make_plan
 from core.spec import JobSpec, ResolvedHyperparameters, model_width, resolve_auto
 from worker.catalogue import base_provenance
 from worker.training.answers import answerer, report_answers
@@ -205,6 +206,24 @@ def evaluate_served(spec: JobSpec, adapter_dir: Path, models_dir: Path, device: 
             "merged_dequantized_4bit": merged_dequantized, "merge_base": best}, answered
 
 
+def local_quantization(spec: JobSpec, config: dict, train_data: TokenizedData, device: str,
+                       hooks: TrainingHooks) -> JobSpec:
+    """Resolve quantization `auto` as the planner does (core/planning/plan.py), for this machine's device alone."""
+    import torch
+
+    if device == "cuda":
+        memory = torch.cuda.get_device_properties(0).total_memory / 1024**3
+        here = GpuClass(name=torch.cuda.get_device_name(0), memory_gib=memory, tflops=100)
+    else:
+        here = cpu_class()
+    lengths = sorted(len(row["input_ids"]) for row in train_data.rows) or [spec.max_seq_length]
+    stats = {"count": len(lengths), "max": lengths[-1], "mean": sum(lengths) / len(lengths),
+             "p95": lengths[int(0.95 * (len(lengths) - 1))]}
+    made = make_plan(config, spec, token_stats=stats, gpu_classes=[here])
+    hooks.event("info", made.notes[0])
+    return spec.model_copy(update={"quantization": made.quantization})
+
+
 def _dropped(train_data: TokenizedData, valid_data: TokenizedData) -> dict:
     reasons = {f"training: {r}": n for r, n in train_data.dropped.items()}
     reasons |= {f"validation: {r}": n for r, n in valid_data.dropped.items()}
@@ -245,7 +264,10 @@ def train(
     dropped = _dropped(train_data, valid_data)
     if dropped["count"]:
         hooks.event("warning", f"Dropped {dropped['count']} examples: {dropped['reasons']}.")
-    hp = resolve_auto(spec, len(train_data.rows), model_width(base_config(spec.model, models_dir)))
+    config = base_config(spec.model, models_dir)
+    if spec.quantization == "auto":  # a job from the API arrives with the plan's choice; `lorajobs train` does not
+        spec = local_quantization(spec, config, train_data, device, hooks)
+    hp = resolve_auto(spec, len(train_data.rows), model_width(config))
     collator = make_collator(spec.packing, tokenizer)
 
     set_seed(spec.seed)  # the adapter's initial weights
@@ -308,6 +330,7 @@ def train(
         data_sha256=sha,
         parameters=parameters,
         served_eval=served,
+        quantization=spec.quantization,
         best_checkpoint=selected,
         quality=answered["quality"] if answered else None,
         answers=answered["answers"] if answered else None,

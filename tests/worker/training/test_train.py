@@ -215,6 +215,19 @@ def test_qlora_end_to_end_evaluates_base_and_adapter_without_the_trap(models_dir
     assert "merged into the dequantized 4-bit base" in card and "adapter on the full-precision base" in card
 
 
+def test_quantization_auto_trains_over_the_16_bit_base_where_this_machine_holds_it(models_dir, chat_files, tmp_path):
+    recorder = Recorder()
+    result = train(tiny_spec(quantization="auto"), chat_files[0], chat_files[1], tmp_path, recorder.hooks(),
+                   models_dir=models_dir)
+    assert result.status == "succeeded" and result.served_eval is None  # no 4-bit base to serve apart from
+    chosen = [message for _, message in recorder.events if message.startswith("quantization 'auto'")]
+    assert len(chosen) == 1 and chosen[0].startswith(
+        "quantization 'auto' chose 'none' (LoRA on the 16-bit base): it fits cpu (predicted ")
+    adapter = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    assert "4-bit" not in (result.adapter_dir / "README.md").read_text()
+
+
 def test_examples_without_a_trained_token_are_dropped_and_counted(models_dir, tmp_path):
     untrained = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey", "weight": 0}]}
     data = write_jsonl(tmp_path / "train.jsonl", retail_chat_records(8) + [untrained] * 3)
