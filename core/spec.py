@@ -153,6 +153,10 @@ class OptimizationSection(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of the steps spent warming the rate up from 0.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay on the adapter weights.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise on the input embeddings while training, scaled by alpha / "
+        "sqrt(tokens × width) (transformers' Trainer); null: off."
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds data order, adapter init, dropout and the split.")
 
 

@@ -89,6 +89,7 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
         warmup_steps=spec.warmup_ratio,  # a float below 1 is a fraction of the total steps in transformers 5
         weight_decay=spec.weight_decay,
         max_grad_norm=spec.max_grad_norm,
+        neftune_noise_alpha=spec.neftune_noise_alpha,
         seed=spec.seed,
         data_seed=spec.seed,
         optim="paged_adamw_8bit" if quantized and device == "cuda" else "adamw_torch",
