@@ -40,20 +40,22 @@ def token_statistics(
                 truncated_lines.append(line)
         if counted.trainable_after_truncation == 0:
             no_trainable += 1
-    ordered = sorted(lengths)
     return TokenStats(
         model=model,
         max_seq_length=max_seq_length,
-        count=len(ordered),
-        total=sum(ordered),
-        min=ordered[0] if ordered else 0,
-        mean=round(sum(ordered) / len(ordered), 2) if ordered else 0.0,
-        p95=_nearest_rank(ordered, 0.95),
-        max=ordered[-1] if ordered else 0,
+        **length_summary(lengths),
         truncated=truncated,
         no_trainable_after_truncation=no_trainable,
         truncated_lines=truncated_lines,
     )
+
+
+def length_summary(lengths: Iterable[int]) -> dict:
+    """Count, total, min, mean, p95 and max of example lengths: what the planner reads of a dataset."""
+    ordered = sorted(lengths)
+    return {"count": len(ordered), "total": sum(ordered), "min": ordered[0] if ordered else 0,
+            "mean": round(sum(ordered) / len(ordered), 2) if ordered else 0.0, "p95": _nearest_rank(ordered, 0.95),
+            "max": ordered[-1] if ordered else 0}
 
 
 def _nearest_rank(ordered: list[int], fraction: float) -> int:

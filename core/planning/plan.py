@@ -265,7 +265,7 @@ def _resolve_quantization(config: dict, spec: JobSpec, token_stats: dict | None,
     quantized = _make_plan(config, spec.model_copy(update={"quantization": "nf4"}), token_stats, n_examples,
                            gpu_classes)
     why = "the model's memory is unknown" if all(c.fits is None for c in plain.classes) else \
-        "the 16-bit base fits no configured class with 15 % of its memory to spare"
+        f"the 16-bit base fits no configured class with {AUTO_HEADROOM * 100:g} % of its memory to spare"
     quantized.notes.insert(0, f"quantization 'auto' chose 'nf4' (QLoRA): {why}.")
     return quantized
 

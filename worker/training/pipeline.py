@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from core.archives import sha256_file
+from core.datasets.tokens import length_summary
 from core.errors import InvalidRequest
 from core.planning import GpuClass, cpu_class, make_plan
 from core.spec import JobSpec, ResolvedHyperparameters, model_width, resolve_auto
@@ -217,9 +218,7 @@ def local_quantization(spec: JobSpec, config: dict, train_data: TokenizedData, d
         here = GpuClass(name=torch.cuda.get_device_name(0), memory_gib=memory, tflops=100)
     else:
         here = cpu_class()
-    lengths = sorted(len(row["input_ids"]) for row in train_data.rows) or [spec.max_seq_length]
-    stats = {"count": len(lengths), "max": lengths[-1], "mean": sum(lengths) / len(lengths),
-             "p95": lengths[int(0.95 * (len(lengths) - 1))]}
+    stats = length_summary(len(row["input_ids"]) for row in train_data.rows)
     made = make_plan(config, spec, token_stats=stats, gpu_classes=[here])
     hooks.event("info", made.notes[0])
     return spec.model_copy(update={"quantization": made.quantization})
