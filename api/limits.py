@@ -15,6 +15,7 @@ import time
 
 import redis
 from fastapi import Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -134,9 +135,18 @@ def _refuse(what: str, setting: str, limit: float, unit: str = "") -> QuotaExcee
                          retry_after=QUOTA_RETRY_AFTER)
 
 
+def hold_project(session: Session, project: Project) -> None:
+    """Lock the project's row until the transaction ends, so that counting what it holds and adding one more is one
+    step: two requests arriving together cannot both see room for the last job, file or merge (on PostgreSQL; a
+    SQLite write transaction already holds the whole database)."""
+    session.execute(select(Project.seq).where(Project.id == project.id).with_for_update())
+
+
 def check_job_quota(session: Session, settings: Settings, project: Project, plan: dict | None,
                     placement: dict | None) -> None:
-    """A new job keeps the project within its active jobs and its queued planned hours."""
+    """A new job keeps the project within its active jobs and its queued planned hours (the project held until the
+    caller's transaction, which adds the job, ends)."""
+    hold_project(session, project)
     active = jobs_repo.active_of_project(session, project.id)
     if settings.max_active_jobs_per_project and len(active) >= settings.max_active_jobs_per_project:
         raise _refuse(f"{len(active)} jobs already validating, queued or running", "max_active_jobs_per_project",
@@ -173,6 +183,7 @@ def check_file_quota(session: Session, settings: Settings, project: Project, siz
 
 def check_merge_quota(session: Session, settings: Settings, project: Project) -> None:
     """A new merged model keeps the project within its stored (or being made) merged models."""
+    hold_project(session, project)
     limit = settings.max_merged_models_per_project
     held = jobs_repo.count_merged(session, project.id)
     if limit and held >= limit:

@@ -73,6 +73,7 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
                bytes=stored.size, sha256=stored.sha256, storage_key=key, status="uploaded", created_at=created_at,
                expires_at=expires_at)
     try:
+        limits.hold_project(session, project)  # counted and added as one step (not held during the upload)
         limits.check_file_quota(session, settings, project, stored.size)  # the bytes received, chunked included
         repo.add(session, row)
     except Exception:

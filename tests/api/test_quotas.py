@@ -2,6 +2,7 @@
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -137,6 +138,32 @@ def test_active_jobs_quota_refuses_a_second_job_until_the_first_ends(server, set
         time.sleep(0.2)
     second = client.fine_tuning.jobs.create(**body)
     client.fine_tuning.jobs.cancel(second.id)
+
+
+@pytest.mark.parametrize("server", [{"max_active_jobs_per_project": 1}], indirect=True)
+def test_jobs_created_at_once_cannot_overrun_the_active_jobs_quota(server, settings):
+    """Each request counts the active jobs and then inserts its own: the project's row lock makes that one step, so
+    requests arriving together cannot all see room for one more."""
+    key = make_project_key(settings).key
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    file_id = processed_file(client, support_dataset(12))
+    body = {"model": TINY_MODEL_ID, "training_file": file_id,
+            "extra_body": {"quantization": "none", "lora": {"r": 4}, "max_seq_length": 64, "n_epochs": 40}}
+
+    def create(_):
+        try:
+            return client.fine_tuning.jobs.create(**body)
+        except openai.RateLimitError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        created = [job for job in pool.map(create, range(8)) if job is not None]
+    try:
+        assert len(created) == 1
+        assert [job.id for job in client.fine_tuning.jobs.list().data] == [created[0].id]
+    finally:
+        for job in created:
+            client.fine_tuning.jobs.cancel(job.id)
 
 
 @pytest.mark.parametrize("server", [{"max_queued_gpu_hours_per_project": 1e-9}], indirect=True)
