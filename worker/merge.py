@@ -1,8 +1,12 @@
 """A merged model on request: the job's adapter folded into its full-precision base, stored once as a tar."""
 
 import logging
+import os
+import socket
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from core.archives import MERGED_FORMAT, make_archive, unpack_archive
@@ -29,21 +33,65 @@ def _set_merged(database_url: str, job_id: str, entry: dict) -> bool:
     return True
 
 
-def merge_job(job_id: str) -> None:
-    """Produce the merged model of a succeeded job whose merge is pending; any other state is left alone."""
+class MergeClaim(threading.Thread):
+    """Holds a merge for this worker: `claimed_until` in the job's merge entry, renewed while the merge runs.
+
+    The sweep sends a merge again when it is still pending `LORAJOBS_MERGE_RESEND_SECONDS` after it was asked for
+    (its message may have been lost); a 70B merge can outlast that. A message that finds the merge claimed by a live
+    worker leaves it, so it never runs twice at once; one that finds the claim expired (its worker died) takes over.
+    """
+
+    def __init__(self, settings, job_id: str, owner: str):
+        super().__init__(daemon=True, name=f"merge-claim-{job_id}")
+        self.settings, self.job_id, self.owner = settings, job_id, owner
+        self.done = threading.Event()
+
+    def take(self) -> tuple[str, str, str, JobSpec | None] | None:
+        """Claim the merge if it is pending and nobody else holds it: the adapter's key, the project, the base
+        model, and for QLoRA the spec whose dequantized base scored better (else None); None when not claimed."""
+        with transaction(self.settings.database_url) as session:
+            job = repo.get_any(session, self.job_id, for_update=True)
+            merged = (job.artifacts or {}).get("merged", {}) if job else {}
+            if job is None or merged.get("status") != "pending":
+                return None
+            if merged.get("claimed_by") not in (None, self.owner) and merged.get("claimed_until", 0) > time.time():
+                log.info("merge already running elsewhere", extra={"job_id": self.job_id})
+                return None
+            job.artifacts = {**job.artifacts, "merged": {**merged, **self._claim()}}
+            # QLoRA: the merge that scored better on held-out data when the job finished (worker/training/pipeline.py).
+            served = (job.result or {}).get("served_eval") or {}
+            dequantized = JobSpec.model_validate(job.spec) if served.get("merge_base") == "dequantized_4bit" else None
+            return job.artifacts["tar.gz"]["key"], job.project_id, job.model, dequantized
+
+    def _claim(self) -> dict:
+        return {"claimed_by": self.owner, "claimed_until": time.time() + self.settings.lease_seconds}
+
+    def run(self) -> None:
+        while not self.done.wait(max(0.5, self.settings.lease_seconds / 3)):
+            try:
+                with transaction(self.settings.database_url) as session:
+                    job = repo.get_any(session, self.job_id, for_update=True)
+                    merged = (job.artifacts or {}).get("merged", {}) if job else {}
+                    if merged.get("status") != "pending" or merged.get("claimed_by") != self.owner:
+                        return
+                    job.artifacts = {**job.artifacts, "merged": {**merged, **self._claim()}}
+            except Exception:  # a database blip: the claim still has time, try again next tick
+                log.warning("merge claim renewal failed", exc_info=True, extra={"job_id": self.job_id})
+
+
+def merge_job(job_id: str, settings=None) -> None:
+    """Produce the merged model of a succeeded job whose merge is pending and not running elsewhere; any other state
+    is left alone."""
     from worker.training import merge_adapter
 
-    settings = get_settings()
+    settings = settings or get_settings()
     storage = get_storage(settings)
-    with transaction(settings.database_url) as session:
-        job = repo.get_any(session, job_id)
-        merged = (job.artifacts or {}).get("merged", {}) if job else {}
-        if job is None or merged.get("status") != "pending":
-            return
-        adapter_key, project_id, base_model = job.artifacts["tar.gz"]["key"], job.project_id, job.model
-        # QLoRA: the merge that scored better on held-out data when the job finished (worker/training/pipeline.py).
-        served = (job.result or {}).get("served_eval") or {}
-        dequantized = JobSpec.model_validate(job.spec) if served.get("merge_base") == "dequantized_4bit" else None
+    claim = MergeClaim(settings, job_id, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    taken = claim.take()
+    if taken is None:
+        return
+    adapter_key, project_id, base_model, dequantized = taken
+    claim.start()
     try:
         with tempfile.TemporaryDirectory(prefix=f"lorajobs-merge-{job_id}-") as tmp:
             work = Path(tmp)
@@ -60,3 +108,5 @@ def merge_job(job_id: str) -> None:
     except Exception as exc:  # recorded on the job; asking again retries
         log.exception("merge failed", extra={"job_id": job_id})
         _set_merged(settings.database_url, job_id, {"status": "failed", "message": f"{type(exc).__name__}: {exc}"[:500]})
+    finally:
+        claim.done.set()

@@ -13,6 +13,7 @@ from db.models import Project
 from db.repositories import jobs as jobs_repo
 from db.session import transaction
 from tests.faults.rows import event_messages, file_row, job_row, make_file, make_job, make_jobs, make_project
+from worker.merge import merge_job
 from worker.sweep import sweep
 
 LOST = "The worker was lost (lease expired)"
@@ -188,6 +189,25 @@ def test_a_merge_whose_message_was_lost_is_sent_again(quiet):
     assert "resends" not in job_row(quiet, fresh).artifacts["merged"]
     sweep(quiet)
     assert job_row(quiet, stuck).artifacts["merged"]["resends"] == 1
+
+
+def test_a_resent_merge_leaves_one_another_worker_is_running_and_takes_over_a_dead_ones(quiet):
+    """The sweep resends a merge still pending after LORAJOBS_MERGE_RESEND_SECONDS; a big merge may still be running."""
+    pending = {"status": "pending", "requested_at": time.time() - quiet.merge_resend_seconds - 1}
+    artifacts = {"tar.gz": {"key": "projects/none/adapter.tar.gz", "sha256": "0" * 64, "bytes": 1}}
+    running = make_job(quiet, status="succeeded", artifacts={**artifacts, "merged": {
+        **pending, "claimed_by": "host:1:live", "claimed_until": time.time() + 60}})
+    abandoned = make_job(quiet, status="succeeded", artifacts={**artifacts, "merged": {
+        **pending, "claimed_by": "host:2:dead", "claimed_until": time.time() - 1}})
+    merge_job(running, quiet)
+    merge_job(abandoned, quiet)
+    # The live worker's merge is left alone: not run a second time, not failed.
+    assert job_row(quiet, running).artifacts["merged"] == {**pending, "claimed_by": "host:1:live",
+                                                            "claimed_until": pytest.approx(time.time() + 60, abs=5)}
+    # The dead worker's is taken over and run (its adapter is not in storage here, so it fails, which asking again
+    # retries).
+    merged = job_row(quiet, abandoned).artifacts["merged"]
+    assert merged["status"] == "failed" and "claimed_by" not in merged
 
 
 def test_the_sweep_on_the_embedded_sqlite_database(quiet, tmp_path):
