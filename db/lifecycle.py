@@ -9,6 +9,7 @@ from core import queue, routing
 from core.catalogue import model_config
 from core.errors import InvalidRequest, ModelNotFound
 from core.ids import new_id
+from core.planning.plan import BORROWED_TOKENS_MARGIN, borrowed_token_stats
 from core.settings import Settings
 from core.spec import JobSpec, model_width, resolve_auto
 from core.storage import Storage
@@ -91,9 +92,15 @@ def resolve_hyperparameters(job: Job, training_file: File, config: dict | None) 
 def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_validation: bool,
          config: dict | None = None):
     """The job's pre-flight plan from what the training file's report knows so far (core/planning)."""
-    stats = ((training_file.report or {}).get("token_stats") or {}).get(spec.model)
-    made = routing.plan_job(settings, spec, token_stats=stats, config=config,
+    by_model = (training_file.report or {}).get("token_stats") or {}
+    stats = by_model.get(spec.model)
+    borrowed = borrowed_token_stats(by_model) if stats is None else None
+    made = routing.plan_job(settings, spec, token_stats=stats or borrowed, config=config,
                             n_examples=training_examples(spec, training_file, separate_validation=separate_validation))
+    if borrowed:
+        made.notes.append(f"The training file's tokens were not counted with {spec.model}'s tokenizer (the model was "
+                          f"added after the file was validated): the plan takes {borrowed['model']}'s count, "
+                          f"{BORROWED_TOKENS_MARGIN:g}× longer; upload the file again for this model's own count.")
     if training_file.status != "processed":
         made.notes.append(f"The training file {training_file.id} is still being validated: the plan counts no "
                           "examples or tokens yet.")

@@ -1,12 +1,15 @@
 """The pre-flight plan through the API: dry runs, every job's plan, routing by GPU class, queue position and ETA,
 refusal of a job that fits nowhere, and out-of-memory recovery driven by a real torch.OutOfMemoryError."""
 
+import math
+
 import httpx
 import openai
 import pytest
 
 from tests.conftest import TEST_OUTPUT, TINY_MODEL_ID, make_project_key
 from tests.e2e.jobs_helpers import all_events, create_job, processed_file, support_dataset, wait_status
+from tests.e2e.test_families import register
 from tests.stack import ApiServer, WorkerProcess
 
 BODY = {"model": TINY_MODEL_ID, "quantization": "none", "lora": {"r": 4}, "max_seq_length": 64,
@@ -65,6 +68,22 @@ def test_quantization_auto_is_settled_by_the_plan_once_the_file_is_validated(ope
                                                            "base): it fits ")
     assert not any(e.message.startswith("quantization 'auto'") for e in all_events(openai_client, job.id))
     assert done.model_extra.get("served_eval") is None
+
+
+def test_a_model_added_after_the_file_was_validated_is_planned_from_another_tokenizers_count(
+        openai_client, http, stack, family_catalogue):
+    training_file = processed_file(openai_client, support_dataset(24))
+    counted = openai_client.get(f"/files/{training_file}/report", cast_to=object)["report"]["token_stats"]
+    model_id = register("qwen2", family_catalogue, stack.settings)  # after the file's validation
+    assert model_id not in counted
+    plan = http.post("fine_tuning/jobs", json={**BODY, "model": model_id, "max_seq_length": 1024,
+                                               "training_file": training_file, "dry_run": True}).json()
+    # Planned from the longest count the file has, a quarter longer, not as 1,024-token rows.
+    longest = max((stats for stats in counted.values() if stats["count"]), key=lambda stats: (stats["mean"], stats["max"]))
+    assert plan["longest_example"] == math.ceil(longest["max"] * 1.25) < 1024
+    assert plan["tokens_per_example"] == pytest.approx(longest["mean"] * 1.25)
+    assert any(note.startswith(f"The training file's tokens were not counted with {model_id}'s tokenizer")
+               and f"takes {longest['model']}'s count" in note for note in plan["notes"])
 
 
 @pytest.fixture
