@@ -103,6 +103,11 @@ class DeliveredCheckpoint(BaseModel):
     value: float
     last_step: int
     early_stopped: bool
+    cooled_from: int | None = Field(
+        None, description="When early stopping cooled the learning rate to 0 before it stopped (ending at last_step): "
+        "the step whose weights it cooled, the best before patience ran out; null when it stopped at once or did not "
+        "stop early."
+    )
 
 
 class JobObject(BaseModel):

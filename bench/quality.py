@@ -99,6 +99,22 @@ def answer_checkpoints(checkpoints: list[Path], models_dir: Path, tokenizer, pro
     return curve
 
 
+def without_cooldown(best: dict | None, evaluations: list[dict], out: Path, models_dir: Path, tokenizer,
+                     prompts) -> dict | None:
+    """What the job would have delivered had early stopping stopped at once (`early_stopping_cooldown: 0`): the best
+    checkpoint up to the step where patience ran out. Training is seeded and the cooldown changes nothing before
+    that step, so one run measures both."""
+    if not best or best.get("cooled_from") is None:
+        return None
+    before = [m for m in evaluations if m["step"] <= best["cooled_from"]]
+    chosen = min(before, key=lambda m: m["valid_loss"])
+    if chosen["step"] == best["step"]:
+        return {"step": chosen["step"], "valid_loss": chosen["valid_loss"], "same_as_delivered": True}
+    answered = answer_checkpoints([out / "checkpoints" / f"checkpoint-{chosen['step']}"], models_dir, tokenizer, prompts)
+    return {"step": chosen["step"], "valid_loss": chosen["valid_loss"], "quality": answered[0]["quality"],
+            "answers": answered[0]["answers"]}
+
+
 def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file: Path, models_dir: Path, out: Path,
         curve_every: int | None = None, seed: int = 0) -> dict:
     from worker.catalogue import SMOLLM2_ID
@@ -108,8 +124,9 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
     from worker.training.model import adapter_tokenizer, load_adapter_model
 
     fields = dict(spec_fields)
-    if curve_every:
-        fields["save_total_limit"] = None  # keep every epoch's checkpoint (up to the cap) to answer with them
+    # Keep every epoch's checkpoint (up to the cap) to answer with them: the curve's, and the one a run without
+    # early stopping's cooldown would have delivered.
+    fields.setdefault("save_total_limit", None)
     spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=seed, answer_samples=0, **fields)
     evaluations = []
 
@@ -138,6 +155,7 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
         checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         chosen = [c for i, c in enumerate(checkpoints, 1) if i % curve_every == 0 or i == len(checkpoints)]
         curve = answer_checkpoints(chosen, models_dir, tokenizer, prompts)
+    uncooled = without_cooldown(result.best_checkpoint, evaluations, out, models_dir, tokenizer, prompts)
     return {
         "dataset": name, "config": config, "spec": spec_fields, "seed": seed, "quantization": result.quantization,
         "hyperparameters": result.hyperparameters,
@@ -147,7 +165,7 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
         "train_seconds": result.train_seconds, "seconds": seconds,
         "answer_seconds": answered["quality"]["seconds"], "quality": by_part(answered["answers"]),
         "evaluations": [{"step": m["step"], "valid_loss": round(m["valid_loss"], 4)} for m in evaluations],
-        "curve": curve, "answers": answered["answers"],
+        "curve": curve, "without_cooldown": uncooled, "answers": answered["answers"],
     }
 
 
@@ -185,7 +203,8 @@ def main() -> None:
         for config, fields in configs.items():
             runs.append(run(name, config, fields, *files[name], models_dir, work / f"{name}-{config}", args.curve,
                             args.seed))
-            line = {k: v for k, v in runs[-1].items() if k not in ("answers", "curve")}
+            line = {k: v for k, v in runs[-1].items() if k not in ("answers", "curve", "without_cooldown")}
+            line["without_cooldown"] = {k: v for k, v in (runs[-1]["without_cooldown"] or {}).items() if k != "answers"}
             print(json.dumps(line), flush=True)
             args.json.write_text(json.dumps({"runs": runs, "load_average": os.getloadavg()}, indent=2))
 

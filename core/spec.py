@@ -186,6 +186,11 @@ class CheckpointSection(BaseModel):
         "improvement for early stopping (0.001 nats a token of loss: 0.1 % perplexity); the best checkpoint is "
         "still the best by any margin."
     )
+    early_stopping_cooldown: float = Field(
+        0.2, ge=0.0, le=1.0, description="When early stopping triggers, train on for this share of the steps trained "
+        "so far, from the best weights so far, with the learning rate decaying linearly from its current value to 0, "
+        "then evaluate, checkpoint and stop (the best checkpoint is still delivered, cooled or not); 0 stops at once."
+    )
     answer_samples: int = Field(
         20, ge=0, le=200, description="Held-out prompts answered greedily by the base and the tuned model at the end "
         "of the job, and scored for exact match and key facts; 0 skips it."

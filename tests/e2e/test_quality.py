@@ -42,19 +42,22 @@ def test_a_job_with_a_validation_file_shows_answers_exact_match_and_delivers_its
     done = wait_status(openai_client, job.id)
     assert done.status == "succeeded", done.error
 
-    # Evaluated at every checkpoint (every 2 steps); the held-out loss only rose after step 2, so patience 2 stopped
-    # the job at step 6 of 16 and the adapter is step 2's.
+    # Evaluated at every checkpoint (every 2 steps); the held-out loss only rose after step 2, so patience 2 ran out
+    # at step 6 of 16; the learning rate then cooled to 0 over a fifth of those steps (to step 8) from step 2's weights,
+    # and the adapter is still step 2's.
     delivered = done.model_extra["delivered_checkpoint"]
-    assert delivered == {"step": 2, "metric": "valid_loss", "value": delivered["value"], "last_step": 6,
-                         "early_stopped": True}
+    assert delivered == {"step": 2, "metric": "valid_loss", "value": delivered["value"], "last_step": 8,
+                         "early_stopped": True, "cooled_from": 2}
     assert done.model_extra["final_eval_loss"] == delivered["value"]
     events = all_events(openai_client, job.id)
     messages = [e.message for e in events]
-    assert any(m.startswith("Early stopping at step 6 of 16") and "checkpoint of step 2" in m for m in messages)
+    assert any(m.startswith("Early stopping at step 6 of 16") and "cooled to 0 over steps 6-8, from the weights of "
+               "step 2" in m
+               and "checkpoint of step 2" in m for m in messages)
 
     # save_total_limit 1 keeps the newest and the best checkpoint, and the job's adapter is exactly the best.
     checkpoints = {c.step_number: c for c in openai_client.fine_tuning.jobs.checkpoints.list(job.id)}
-    assert sorted(checkpoints) == [2, 6]
+    assert sorted(checkpoints) == [2, 8]
     best = checkpoints[2]
     job_adapter = http.get(f"fine_tuning/jobs/{job.id}/adapter", params={"redirect": "false"}).content
     best_adapter = http.get(f"fine_tuning/jobs/{job.id}/adapter",
@@ -85,6 +88,7 @@ def test_a_job_with_a_validation_file_shows_answers_exact_match_and_delivers_its
     # The job page shows them.
     page = job_page(stack, project_key.key, job.id)
     assert "Answers on held-out prompts" in page and "The adapter is the checkpoint of step <b>2</b>" in page
+    assert "the last step was 8 (early stopping, then the learning rate cooled to 0 from the weights of step 2)" in page
     assert first["expected"] in page and "Exact match (base → tuned)" in page
     assert "exact_match <b>" in page  # on the delivered checkpoint's row
 

@@ -117,8 +117,10 @@ def quality_lines(result: TrainingResult) -> list[str]:
     lines = []
     if result.best_checkpoint:
         best = result.best_checkpoint
-        lines.append(f"The adapter is the checkpoint of step {best['step']} (the last step was {best['last_step']}), "
-                     f"the best by {best['metric']} ({best['value']:.4f}).")
+        cooled = (f"; early stopping, then the learning rate cooled to 0 from the weights of step {best['cooled_from']}"
+                  if best.get("cooled_from") else "")
+        lines.append(f"The adapter is the checkpoint of step {best['step']} (the last step was {best['last_step']}"
+                     f"{cooled}), the best by {best['metric']} ({best['value']:.4f}).")
     if result.quality:
         lines.append(quality_message(result.quality))
     return [*lines, ""] if lines else []

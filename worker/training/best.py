@@ -6,7 +6,9 @@ and a `save_total_limit` that never deletes the best); the evaluation it runs at
 other evaluation, so the checkpoint's metrics carry it.
 """
 
+import math
 from functools import cache
+from pathlib import Path
 
 from worker.training.hooks import TrainingHooks
 
@@ -20,16 +22,136 @@ def selection_arguments(spec, has_validation: bool) -> dict:
         return {}
     name, higher = METRICS[spec.best_checkpoint_metric]
     return {"eval_strategy": "steps" if spec.save_steps else "epoch", "eval_steps": spec.save_steps,
-            "load_best_model_at_end": True, "metric_for_best_model": name, "greater_is_better": higher}
+            "load_best_model_at_end": True, "metric_for_best_model": name, "greater_is_better": higher,
+            # a resumed job keeps early stopping's patience count and cooldown (saved in every checkpoint)
+            "restore_callback_states_from_checkpoint": True}
 
 
 def selection_callbacks(spec, has_validation: bool) -> list:
     if not has_validation or spec.early_stopping_patience is None:
         return []
+    return [cooling_early_stopping()(early_stopping_patience=spec.early_stopping_patience,
+                                     early_stopping_threshold=spec.early_stopping_threshold,
+                                     cooldown=spec.early_stopping_cooldown)]
+
+
+class CooldownSchedule:
+    """The learning-rate factor of a cooldown: `factor` at step `start`, falling linearly to 0 at step `end`.
+
+    A callable object rather than a closure, so that the scheduler's state_dict can hold it."""
+
+    def __init__(self, start: int, end: int, factor: float):
+        self.start, self.end, self.factor = start, end, factor
+
+    def __call__(self, step: int) -> float:
+        return self.factor * max(0.0, (self.end - step) / (self.end - self.start))
+
+
+@cache
+def cooling_early_stopping() -> type:
+    """transformers' EarlyStoppingCallback, except that when patience runs out it first cools the learning rate.
+
+    A run stopped on a plateau stops at whatever rate its schedule had reached, often most of the peak when the
+    `auto` rule planned many epochs for a small dataset, and held-out loss then jumps between evaluations with
+    the last steps' noise. Decaying the rate to 0 over a short final phase (the decay phase of a warmup-stable-
+    decay schedule) settles the weights into the minimum the noise hid. The phase starts from the best weights so
+    far (adapter and optimizer state rewound to the best checkpoint once the current one is saved), not from the
+    worse ones that ran out the patience. The cooled weights are evaluated and checkpointed like any other; the
+    best checkpoint is still what is delivered. The cooldown's state is saved in every checkpoint, so a resumed job
+    cools the same way.
+    """
     from transformers import EarlyStoppingCallback
 
-    return [EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience,
-                                  early_stopping_threshold=spec.early_stopping_threshold)]
+    class CoolingEarlyStopping(EarlyStoppingCallback):
+        def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0,
+                     cooldown: float = 0.0):
+            super().__init__(early_stopping_patience, early_stopping_threshold)
+            self.cooldown = cooldown
+            self.cooldown_start: int | None = None  # the step at which patience ran out
+            self.cooldown_end: int | None = None  # the step after which training stops
+            self.cooldown_factors: list[float] = []  # the schedule's factor at cooldown_start, per parameter group
+            self.rewind_from: str | None = None  # the best checkpoint's folder, until its weights are loaded
+            self.rewound_to: int | None = None  # the step of the weights the cooldown started from
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.cooldown_start is not None and lr_scheduler is not None:  # resumed in the cooldown
+                self._install(lr_scheduler)
+
+        def on_evaluate(self, args, state, control, metrics, lr_scheduler=None, **kwargs):
+            if self.cooldown_start is not None:  # cooling: the cooldown's end decides when to stop
+                return
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+            if not control.should_training_stop or self.cooldown <= 0 or lr_scheduler is None:
+                return
+            end = min(state.max_steps, state.global_step + math.ceil(self.cooldown * state.global_step))
+            if end <= state.global_step:
+                return
+            control.should_training_stop = False
+            self.cooldown_start, self.cooldown_end = state.global_step, end
+            self.cooldown_factors = [float(f(state.global_step)) for f in lr_scheduler.lr_lambdas]
+            self._install(lr_scheduler)
+            if self._worse_than_best(args, state, metrics) and state.best_model_checkpoint:
+                # cool from the best weights so far, once this step's checkpoint (these weights) is saved
+                self.rewind_from, self.rewound_to = state.best_model_checkpoint, state.best_global_step
+
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if self.rewind_from is None:
+                return
+            if Path(self.rewind_from).is_dir():
+                rewind(self.rewind_from, model, optimizer)
+            else:  # resumed on a worker without it: cool the weights at hand
+                self.rewound_to = None
+            self.rewind_from = None
+
+        @staticmethod
+        def _worse_than_best(args, state, metrics: dict) -> bool:
+            value = metrics.get(args.metric_for_best_model)
+            if value is None or state.best_metric is None:
+                return False
+            return value < state.best_metric if args.greater_is_better else value > state.best_metric
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.cooldown_end is not None and state.global_step >= self.cooldown_end:
+                control.should_training_stop = True
+                if args.save_strategy != "epoch":  # at an epoch's end the Trainer evaluates and saves anyway
+                    control.should_evaluate = control.should_save = True
+
+        def _install(self, lr_scheduler) -> None:
+            lr_scheduler.lr_lambdas = [CooldownSchedule(self.cooldown_start, self.cooldown_end, factor)
+                                       for factor in self.cooldown_factors]
+
+        def state(self) -> dict:
+            exported = super().state()
+            exported["args"]["cooldown"] = self.cooldown
+            exported["attributes"] |= {"cooldown_start": self.cooldown_start, "cooldown_end": self.cooldown_end,
+                                       "cooldown_factors": self.cooldown_factors, "rewind_from": self.rewind_from,
+                                       "rewound_to": self.rewound_to}
+            return exported
+
+    return CoolingEarlyStopping
+
+
+def rewind(checkpoint: str, model, optimizer) -> None:
+    """Load a checkpoint's adapter weights and optimizer state into the training model and its optimizer."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint)
+    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    if optimizer is not None and (folder / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+
+
+def cooldown_of(trainer) -> dict | None:
+    """How the trainer's early stopping cooled the learning rate, if it did: the steps it began and ended at, and
+    the step whose weights it cooled from (the best so far, or the weights of the step it began at)."""
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "cooldown_start", None) is not None:
+            return {"start": callback.cooldown_start, "end": callback.cooldown_end,
+                    "from_step": callback.rewound_to or callback.cooldown_start}
+    return None
 
 
 @cache
@@ -56,10 +178,10 @@ def checkpoint_evaluating_trainer() -> type:
     return CheckpointEvaluatingTrainer
 
 
-def report_selection(state, spec, hooks: TrainingHooks) -> dict | None:
+def report_selection(state, spec, hooks: TrainingHooks, cooled: dict | None = None) -> dict | None:
     """Which checkpoint the adapter is, once training succeeded, said in an event: the best evaluated one, or None
     (the last weights) when no checkpoint was evaluated or the best one is not on this worker (chosen before a
-    resume)."""
+    resume). `cooled`: early stopping's cooldown, if there was one (`cooldown_of`)."""
     if state.best_global_step is None:
         return None
     metric = spec.best_checkpoint_metric
@@ -67,11 +189,20 @@ def report_selection(state, spec, hooks: TrainingHooks) -> dict | None:
         hooks.event("warn", f"The best checkpoint by {metric} (step {state.best_global_step}) was chosen before the job "
                     f"resumed and is not on this worker: the adapter is the last step's ({state.global_step}).")
         return None
-    early = state.global_step < state.max_steps
+    early = cooled is not None or state.global_step < state.max_steps
     selected = {"step": state.best_global_step, "metric": metric, "value": state.best_metric,
-                "last_step": state.global_step, "early_stopped": early}
-    stopped = (f"Early stopping at step {state.global_step} of {state.max_steps}: {metric} did not improve by more "
-               f"than {spec.early_stopping_threshold:g} for {spec.early_stopping_patience} evaluations. ") if early else ""
+                "last_step": state.global_step, "early_stopped": early,
+                "cooled_from": cooled["from_step"] if cooled else None}
+    stopped = ""
+    if early:
+        trigger = cooled["start"] if cooled else state.global_step
+        stopped = (f"Early stopping at step {trigger} of {state.max_steps}: {metric} did not improve by more than "
+                   f"{spec.early_stopping_threshold:g} for {spec.early_stopping_patience} evaluations. ")
+        if cooled:
+            weights = ("" if cooled["from_step"] == cooled["start"]
+                       else f", from the weights of step {cooled['from_step']} (the best before it)")
+            stopped += (f"The learning rate then cooled to 0 over steps {cooled['start']}-{cooled['end']}"
+                        f"{weights}. ")
     hooks.event("info", f"{stopped}The adapter is the checkpoint of step {state.best_global_step}, the best by {metric} "
                 f"({state.best_metric:.4g}); the last step was {state.global_step}.")
     return selected

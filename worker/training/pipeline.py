@@ -23,7 +23,7 @@ from worker.training.artifacts import (
     write_training_log,
 )
 from worker.training.attention import use_packed_attention
-from worker.training.best import report_selection
+from worker.training.best import cooldown_of, report_selection
 from worker.training.compute import compute_path
 from worker.training.data import (
     with_boundaries,
@@ -291,7 +291,7 @@ def train(
 
     status = "cancelled" if callback.cancelled else "succeeded"
     baseline, final = (None, None) if callback.cancelled else evaluate_baseline_and_final(model, evaluate)
-    selected = None if final is None else report_selection(trainer.state, spec, hooks)
+    selected = None if final is None else report_selection(trainer.state, spec, hooks, cooldown_of(trainer))
     if final is not None and "valid_loss" not in callback.last_metrics:  # the last step was not evaluated yet
         metrics = {"step": state.global_step, "valid_loss": final["loss"], "valid_mean_token_accuracy": final["token_accuracy"]}
         state.log_history.append(metrics)

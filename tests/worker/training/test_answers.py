@@ -72,32 +72,39 @@ def test_an_improvement_under_the_threshold_stops_early_but_the_best_checkpoint_
     valid_file = write_jsonl(tmp_path / "valid.jsonl", retail_chat_records(6, offset=50))
     metrics = []
     # a threshold of a whole nat: the second epoch improves (the lowest loss), but by less than it counts
-    spec = tiny_spec(n_epochs=4, early_stopping_patience=1, early_stopping_threshold=1.0, answer_samples=0)
+    spec = tiny_spec(n_epochs=4, early_stopping_patience=1, early_stopping_threshold=1.0, early_stopping_cooldown=0,
+                     answer_samples=0)
     result = train(spec, train_file, valid_file, tmp_path / "out", TrainingHooks(on_metrics=metrics.append),
                    models_dir=models_dir)
     evaluated = {m["step"]: m["valid_loss"] for m in metrics if "valid_loss" in m}
     assert sorted(evaluated) == [5, 10] and evaluated[10] < evaluated[5] < evaluated[10] + 1.0
     assert result.best_checkpoint == {"step": 10, "metric": "valid_loss", "value": evaluated[10], "last_step": 10,
-                                      "early_stopped": True}
+                                      "early_stopped": True, "cooled_from": None}
 
 
 def test_validation_that_gets_worse_stops_early_and_delivers_the_best_checkpoint(drifting_run):
     result, events, metrics, out = drifting_run
     evaluated = {m["step"]: m["valid_loss"] for m in metrics if "valid_loss" in m}
-    assert sorted(evaluated) == [5, 10]  # one checkpoint per epoch, each evaluated; patience 1 stops after the second
-    assert evaluated[10] > evaluated[5]
-    assert result.status == "succeeded" and result.steps == 10 and result.total_steps == 20
-    assert result.best_checkpoint == {"step": 5, "metric": "valid_loss", "value": evaluated[5], "last_step": 10,
-                                      "early_stopped": True}
+    # One checkpoint per epoch, each evaluated; patience 1 runs out at the second (worse than the first). Then the
+    # learning rate cools over a fifth of the 10 steps trained, from step 5's weights (the best), and the cooled
+    # weights are evaluated too: near step 5's loss, not step 10's, but still drifting, so the best stays step 5.
+    assert sorted(evaluated) == [5, 10, 12]
+    assert evaluated[10] > evaluated[12] > evaluated[5] and evaluated[12] - evaluated[5] < evaluated[10] - evaluated[12]
+    assert result.status == "succeeded" and result.steps == 12 and result.total_steps == 20
+    assert result.best_checkpoint == {"step": 5, "metric": "valid_loss", "value": evaluated[5], "last_step": 12,
+                                      "early_stopped": True, "cooled_from": 5}
     assert result.final_eval["loss"] == pytest.approx(evaluated[5], rel=1e-6)
-    assert any(m.startswith("Early stopping at step 10 of 20") and "checkpoint of step 5" in m for m in events)
+    assert any(m.startswith("Early stopping at step 10 of 20") and "cooled to 0 over steps 10-12, from the weights "
+               "of step 5 (the best before it)" in m
+               and "checkpoint of step 5" in m for m in events)
     # save_total_limit 1 keeps the best, and the delivered adapter is exactly its weights.
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-5"]
     delivered = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
     best = load_file(out / "checkpoints" / "checkpoint-5" / "adapter_model.safetensors")
     assert delivered.keys() == best.keys() and all((delivered[k] == best[k]).all() for k in best)
     card = (Path(result.adapter_dir) / "README.md").read_text()
-    assert "The adapter is the checkpoint of step 5 (the last step was 10), the best by valid_loss" in card
+    assert ("The adapter is the checkpoint of step 5 (the last step was 12; early stopping, then the learning rate "
+            "cooled to 0 from the weights of step 5), the best by valid_loss") in card
 
 
 def test_a_job_with_validation_answers_its_sample_with_base_and_tuned(drifting_run):
