@@ -10,8 +10,10 @@ they show whether answering outside the domain survives.
     .venv/bin/python bench/quality.py --datasets facts --configs old,defaults --products 4 --json test-output/quality.json
 
 `--extra NAME='{"n_epochs": 20, ...}'` adds a configuration of spec fields (quantization is `none` unless given).
-`--curve K` keeps every epoch's checkpoint and also answers with every K-th one (and the last), so one run shows
-how held-out loss and stated facts move with training; the held-out loss of every epoch is recorded in any case.
+`--curve K` also answers with every K-th epoch's checkpoint (and the last), so one run shows how held-out loss and
+stated facts move with training; the held-out loss of every epoch is recorded in any case. Every checkpoint is kept,
+and when early stopping cooled the rate before stopping, the checkpoint an immediate stop would have delivered is
+answered too (`without_cooldown`): the run is identical up to that point.
 
 The machine is slow and shared: one run per configuration, so read small differences as noise.
 """
