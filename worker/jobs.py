@@ -67,6 +67,11 @@ class ClaimedJob:
     dataset_bytes: int
 
 
+def new_owner() -> str:
+    """Who holds a job's lease or a merge's claim: this host and process, and this attempt."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 def job_prefix(project_id: str, job_id: str) -> str:
     return f"projects/{project_id}/jobs/{job_id}"
 
@@ -356,7 +361,7 @@ def run_job(job_id: str) -> None:
     if SHUTDOWN.is_set():  # this process is stopping: the job stays queued and the sweep sends it again
         log.info("shutting down; job not claimed", extra={"job_id": job_id})
         return
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = new_owner()
     try:
         claimed = claim(settings, job_id, owner)
     except SQLAlchemyError:

@@ -1,12 +1,9 @@
 """A merged model on request: the job's adapter folded into its full-precision base, stored once as a tar."""
 
 import logging
-import os
-import socket
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from core.archives import MERGED_FORMAT, make_archive, unpack_archive
@@ -16,7 +13,7 @@ from core.storage import get_storage
 from db.repositories import jobs as repo
 from db.session import transaction
 from worker.catalogue import ensure_model
-from worker.jobs import job_prefix
+from worker.jobs import job_prefix, new_owner
 
 log = logging.getLogger("lorajobs.worker.merge")
 
@@ -86,7 +83,7 @@ def merge_job(job_id: str, settings=None) -> None:
 
     settings = settings or get_settings()
     storage = get_storage(settings)
-    claim = MergeClaim(settings, job_id, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    claim = MergeClaim(settings, job_id, new_owner())
     taken = claim.take()
     if taken is None:
         return
