@@ -76,7 +76,48 @@ def job_prefix(project_id: str, job_id: str) -> str:
     return f"projects/{project_id}/jobs/{job_id}"
 
 
-class Heartbeat(threading.Thread):
+class Renewal(threading.Thread):
+    """Renews a claim (a job's lease, a merge's claim) every third of the lease while the work runs.
+
+    A database blip costs nothing: the claim still has time, renewal is tried again next tick. A claim found lost
+    (the sweep took it, another worker holds it) sets `lost` and ends the renewal, as does work that `stalled`.
+    """
+
+    what = "claim"
+
+    def __init__(self, settings: Settings, job_id: str, owner: str, name: str):
+        super().__init__(daemon=True, name=name)
+        self.settings, self.job_id, self.owner = settings, job_id, owner
+        self.lost = threading.Event()
+        self.done = threading.Event()
+
+    def renew(self, session) -> bool:
+        """Extend the claim; False when this worker no longer holds it."""
+        raise NotImplementedError
+
+    def stalled(self) -> bool:
+        """Whether the work stopped making progress: the claim is then given up (`lost`, then `abandon`)."""
+        return False
+
+    def abandon(self) -> None:
+        """Give up stalled work, once `lost` is set (so the work's own writes are already fenced)."""
+
+    def run(self) -> None:
+        while not self.done.wait(max(0.5, self.settings.lease_seconds / 3)):
+            if self.stalled():
+                self.lost.set()
+                self.abandon()
+                return
+            try:
+                with transaction(self.settings.database_url) as session:
+                    if not self.renew(session):
+                        self.lost.set()
+                        return
+            except Exception:  # a database blip: the claim still has time, try again next tick
+                log.warning("%s renewal failed", self.what, exc_info=True, extra={"job_id": self.job_id})
+
+
+class Heartbeat(Renewal):
     """Renews the job's lease while training makes progress; notices when the lease was lost to the sweep.
 
     Also the watchdog: an attempt that reports no progress for `watchdog_seconds` (a training thread stuck in a
@@ -85,33 +126,27 @@ class Heartbeat(threading.Thread):
     the sweep requeues the job; if it runs again, every write it tries is fenced off.
     """
 
+    what = "lease"
+
     def __init__(self, settings: Settings, job_id: str, owner: str, on_hang=None):
-        super().__init__(daemon=True, name=f"lease-{job_id}")
-        self.settings, self.job_id, self.owner, self.on_hang = settings, job_id, owner, on_hang
-        self.lost = threading.Event()
-        self.done = threading.Event()
+        super().__init__(settings, job_id, owner, name=f"lease-{job_id}")
+        self.on_hang = on_hang
         self.last_progress = time.monotonic()
 
     def alive(self) -> None:
         """Training made progress (a step, an evaluation, a checkpoint stored)."""
         self.last_progress = time.monotonic()
 
-    def run(self) -> None:
-        interval = max(0.5, self.settings.lease_seconds / 3)
+    def stalled(self) -> bool:
         watchdog = self.settings.watchdog_seconds
-        while not self.done.wait(interval):
-            if watchdog and time.monotonic() - self.last_progress > watchdog:
-                self.lost.set()
-                if self.on_hang:
-                    self.on_hang()
-                return
-            try:
-                with transaction(self.settings.database_url) as session:
-                    if not repo.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds):
-                        self.lost.set()
-                        return
-            except Exception:  # a database blip: the lease still has time, try again next tick
-                log.warning("lease renewal failed", exc_info=True, extra={"job_id": self.job_id})
+        return bool(watchdog) and time.monotonic() - self.last_progress > watchdog
+
+    def abandon(self) -> None:
+        if self.on_hang:
+            self.on_hang()
+
+    def renew(self, session) -> bool:
+        return repo.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds)
 
 
 def claim(settings: Settings, job_id: str, owner: str) -> ClaimedJob | None:

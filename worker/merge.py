@@ -2,7 +2,6 @@
 
 import logging
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from core.storage import get_storage
 from db.repositories import jobs as repo
 from db.session import transaction
 from worker.catalogue import ensure_model
-from worker.jobs import job_prefix, new_owner
+from worker.jobs import Renewal, job_prefix, new_owner
 
 log = logging.getLogger("lorajobs.worker.merge")
 
@@ -30,7 +29,7 @@ def _set_merged(database_url: str, job_id: str, entry: dict) -> bool:
     return True
 
 
-class MergeClaim(threading.Thread):
+class MergeClaim(Renewal):
     """Holds a merge for this worker: `claimed_until` in the job's merge entry, renewed while the merge runs.
 
     The sweep sends a merge again when it is still pending `LORAJOBS_MERGE_RESEND_SECONDS` after it was asked for
@@ -38,10 +37,10 @@ class MergeClaim(threading.Thread):
     worker leaves it, so it never runs twice at once; one that finds the claim expired (its worker died) takes over.
     """
 
+    what = "merge claim"
+
     def __init__(self, settings, job_id: str, owner: str):
-        super().__init__(daemon=True, name=f"merge-claim-{job_id}")
-        self.settings, self.job_id, self.owner = settings, job_id, owner
-        self.done = threading.Event()
+        super().__init__(settings, job_id, owner, name=f"merge-claim-{job_id}")
 
     def take(self) -> tuple[str, str, str, JobSpec | None] | None:
         """Claim the merge if it is pending and nobody else holds it: the adapter's key, the project, the base
@@ -63,17 +62,13 @@ class MergeClaim(threading.Thread):
     def _claim(self) -> dict:
         return {"claimed_by": self.owner, "claimed_until": time.time() + self.settings.lease_seconds}
 
-    def run(self) -> None:
-        while not self.done.wait(max(0.5, self.settings.lease_seconds / 3)):
-            try:
-                with transaction(self.settings.database_url) as session:
-                    job = repo.get_any(session, self.job_id, for_update=True)
-                    merged = (job.artifacts or {}).get("merged", {}) if job else {}
-                    if merged.get("status") != "pending" or merged.get("claimed_by") != self.owner:
-                        return
-                    job.artifacts = {**job.artifacts, "merged": {**merged, **self._claim()}}
-            except Exception:  # a database blip: the claim still has time, try again next tick
-                log.warning("merge claim renewal failed", exc_info=True, extra={"job_id": self.job_id})
+    def renew(self, session) -> bool:
+        job = repo.get_any(session, self.job_id, for_update=True)
+        merged = (job.artifacts or {}).get("merged", {}) if job else {}
+        if merged.get("status") != "pending" or merged.get("claimed_by") != self.owner:
+            return False  # finished, or taken over after this claim had expired
+        job.artifacts = {**job.artifacts, "merged": {**merged, **self._claim()}}
+        return True
 
 
 def merge_job(job_id: str, settings=None) -> None:

@@ -61,6 +61,7 @@ class FaultStack:
         self.workers: list[Worker] = []
 
     def __enter__(self) -> "FaultStack":
+        LOGS.mkdir(parents=True, exist_ok=True)  # also when this test runs alone, before any Worker made it
         self.api = ApiServer(self.settings).start()
         self.sweeper = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "sweeper"], cwd=ROOT,
