@@ -65,6 +65,7 @@ class ClaimedJob:
     placement: dict
     plan: dict | None
     dataset_bytes: int
+    checkpoint_keys: dict[int, str]  # every stored checkpoint's archive, by step
 
 
 def new_owner() -> str:
@@ -169,7 +170,8 @@ def claim(settings: Settings, job_id: str, owner: str) -> ClaimedJob | None:
                           training.storage_key, validation.storage_key if validation else None,
                           latest.storage_key if latest else None, latest.step if latest else 0, job.attempts,
                           dict(job.placement or {}), job.plan,
-                          training.bytes + (validation.bytes if validation else 0))
+                          training.bytes + (validation.bytes if validation else 0),
+                          {c.step: c.storage_key for c in stored})
 
 
 class JobRun:
@@ -425,11 +427,32 @@ def run_job(job_id: str) -> None:
 
 def work_bytes_needed(job: ClaimedJob) -> int:
     """What a job writes in its work folder at most: the datasets (downloaded, then read), the checkpoints the Trainer
-    keeps (adapter and two AdamW states in fp32: 12 bytes per trained parameter) plus the one being archived, and the
-    final adapter with its two archives. The base model is read from the catalogue, not copied."""
+    keeps (adapter and two AdamW states in fp32: 12 bytes per trained parameter) plus the one being archived, on a
+    resume the one resumed from and the best one fetched with it, and the final adapter with its two archives. The
+    base model is read from the catalogue, not copied."""
     trainable = (job.plan or {}).get("trainable_parameters") or 0
-    kept = (job.spec.save_total_limit or 2) + 1
+    kept = (job.spec.save_total_limit or 2) + 1 + (2 if job.checkpoint_key else 0)
     return 2 * job.dataset_bytes + trainable * (12 * kept + 24 + 12)
+
+
+def _fetch_best_checkpoint(storage: Storage, settings: Settings, job: ClaimedJob, resume_from: Path,
+                           work: Path) -> Path | None:
+    """The best checkpoint so far, when the one resumed from is not it: the job delivers it at the end. None when
+    there is none or it is gone (the job then delivers its last step's adapter and says so)."""
+    from worker.training.best import best_step_to_fetch
+
+    step = best_step_to_fetch(resume_from)
+    if step is None or step not in job.checkpoint_keys:
+        return None
+    archive = work / "best.tar.gz"
+    try:
+        _download(storage, settings, job.checkpoint_keys[step], archive, f"checkpoint step {step}, the best so far")
+    except ObjectNotFound:
+        return None
+    try:
+        return unpack_archive(archive, work / f"best-{step}")
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def _download(storage: Storage, settings: Settings, key: str, path: Path, what: str) -> None:
@@ -479,7 +502,7 @@ def _train(settings: Settings, storage: Storage, job: ClaimedJob, run: JobRun, w
             raise InvalidRequest(f"The {param.replace('_', ' ')}'s bytes are missing from object storage ({key}); "
                                  "upload the file again and create a new job.", param=param,
                                  code="dataset_missing") from None
-    resume_from = None
+    resume_from = resume_best = None
     if job.checkpoint_key:
         try:
             _download(storage, settings, job.checkpoint_key, work / "resume.tar.gz", "the checkpoint to resume from")
@@ -487,6 +510,8 @@ def _train(settings: Settings, storage: Storage, job: ClaimedJob, run: JobRun, w
         except ObjectNotFound:
             run.on_event("warn", f"Checkpoint step {job.checkpoint_step} is missing from object storage; training "
                          "restarts from the start")
+    if resume_from is not None:
+        resume_best = _fetch_best_checkpoint(storage, settings, job, resume_from, work)
     fetched = ensure_model(settings, storage, job.spec.model)  # the catalogue's model, downloaded once per host
     if fetched:
         run.on_event("info", fetched)
@@ -494,7 +519,7 @@ def _train(settings: Settings, storage: Storage, job: ClaimedJob, run: JobRun, w
                           on_event=run.on_event, should_stop=run.should_stop, on_parameters=run.on_parameters)
     _reset_peak_memory()
     return train(job.spec, train_path, valid_path, work / "out", hooks, models_dir=settings.models_dir,
-                 resume_from=resume_from, micro_batch_size=job.placement.get("micro_batch_size"),
+                 resume_from=resume_from, resume_best=resume_best, micro_batch_size=job.placement.get("micro_batch_size"),
                  gradient_checkpointing=job.placement.get("gradient_checkpointing", job.spec.gradient_checkpointing),
                  save_every_seconds=settings.checkpoint_interval_seconds or None)
 

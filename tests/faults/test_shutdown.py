@@ -156,3 +156,37 @@ def test_ctrl_c_of_lorajobs_up_mid_training_releases_the_job_and_leaves_no_proce
         assert any(m.message.startswith("The worker is shutting down") for m in repo.events_page(
             session, job.id, after=None, limit=100).items)
         row.status, row.cancel_requested = "cancelled", True  # no sweeper of a later test trains it
+
+
+def test_a_job_paused_after_its_best_checkpoint_cools_from_it_and_delivers_it_once_resumed(settings):
+    from tests.e2e.test_quality import drifting_dataset
+
+    with FaultStack(settings) as stack:
+        # Held-out loss is lowest at the first checkpoints and then rises (answers of one repeated word), so the best
+        # is behind the pause; the resumed attempt runs in a new work folder, which holds only what it downloads.
+        training = processed_file(stack.client, drifting_dataset(64))
+        validation = processed_file(stack.client, support_dataset(10, seed=1), name="valid.jsonl")
+        stack.worker("gpu", "paused-best")
+        job = create_job(stack.client, training, validation_file=validation,
+                         hyperparameters={"n_epochs": 4, "batch_size": 4}, learning_rate=0.1, seed=3,
+                         early_stopping_patience=5, answer_samples=0)
+        stack.wait_step(job.id, 5)
+        stack.client.fine_tuning.jobs.pause(job.id)
+        paused = wait_status(stack.client, job.id, statuses=("paused",), timeout=60)
+        paused_at = paused.model_extra["progress"]["step"]
+        losses = {c.step_number: c.metrics.valid_loss for c in stack.client.fine_tuning.jobs.checkpoints.list(job.id)
+                  if c.metrics.valid_loss is not None}  # the pause's own checkpoint is not evaluated
+        best = min(losses, key=losses.get)
+        assert best < paused_at, losses
+
+        stack.client.fine_tuning.jobs.resume(job.id)
+        done = wait_status(stack.client, job.id, timeout=240)
+        assert done.status == "succeeded", done.error
+        delivered = done.model_extra["delivered_checkpoint"]
+        # Patience ran out after the resume, and the cooldown started from the best weights so far, fetched from
+        # storage (here the cooled weights then did better still, and are delivered as the best).
+        assert delivered["early_stopped"] and delivered["cooled_from"] == best, delivered
+        assert delivered["value"] <= losses[best]
+        text = messages(stack.client, job.id)
+        assert any(f"from the weights of step {best} (the best before it)" in m for m in text), text
+        assert not any("is not on this worker" in m for m in text)

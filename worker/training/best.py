@@ -6,7 +6,9 @@ and a `save_total_limit` that never deletes the best); the evaluation it runs at
 other evaluation, so the checkpoint's metrics carry it.
 """
 
+import json
 import math
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def cooling_early_stopping() -> type:
             self.cooldown_start: int | None = None  # the step at which patience ran out
             self.cooldown_end: int | None = None  # the step after which training stops
             self.cooldown_factors: list[float] = []  # the schedule's factor at cooldown_start, per parameter group
-            self.rewind_from: str | None = None  # the best checkpoint's folder, until its weights are loaded
+            self.rewind_pending = False  # the best checkpoint's weights are still to be loaded
             self.rewound_to: int | None = None  # the step of the weights the cooldown started from
 
         def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
@@ -81,8 +83,12 @@ def cooling_early_stopping() -> type:
         def on_evaluate(self, args, state, control, metrics, lr_scheduler=None, **kwargs):
             if self.cooldown_start is not None:  # cooling: the cooldown's end decides when to stop
                 return
+            # Already stopping: a cancel, a pause, a shutdown or a lost lease, whose evaluation must not be taken for
+            # early stopping (and so be resumed past, or cooled).
+            stopping = control.should_training_stop
             super().on_evaluate(args, state, control, metrics, **kwargs)
-            if not control.should_training_stop or self.cooldown <= 0 or lr_scheduler is None:
+            ran_out = self.early_stopping_patience_counter >= self.early_stopping_patience
+            if stopping or not ran_out or self.cooldown <= 0 or lr_scheduler is None:
                 return
             end = min(state.max_steps, state.global_step + math.ceil(self.cooldown * state.global_step))
             if end <= state.global_step:
@@ -91,18 +97,21 @@ def cooling_early_stopping() -> type:
             self.cooldown_start, self.cooldown_end = state.global_step, end
             self.cooldown_factors = [float(f(state.global_step)) for f in lr_scheduler.lr_lambdas]
             self._install(lr_scheduler)
-            if self._worse_than_best(args, state, metrics) and state.best_model_checkpoint:
+            if self._worse_than_best(args, state, metrics) and state.best_global_step:
                 # cool from the best weights so far, once this step's checkpoint (these weights) is saved
-                self.rewind_from, self.rewound_to = state.best_model_checkpoint, state.best_global_step
+                self.rewind_pending, self.rewound_to = True, state.best_global_step
 
-        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if self.rewind_from is None:
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+            if not self.rewind_pending:
                 return
-            if Path(self.rewind_from).is_dir():
-                rewind(self.rewind_from, model, optimizer)
-            else:  # resumed on a worker without it: cool the weights at hand
+            self.rewind_pending = False
+            # By step, not by the folder's path: a job resumed on another worker has the best checkpoint fetched into
+            # its own output folder (`adopt_best_checkpoint`).
+            folder = Path(args.output_dir) / f"checkpoint-{self.rewound_to}"
+            if folder.is_dir():
+                rewind(folder, model, optimizer, lr_scheduler)
+            else:  # resumed where the best checkpoint could not be fetched: cool the weights at hand
                 self.rewound_to = None
-            self.rewind_from = None
 
         @staticmethod
         def _worse_than_best(args, state, metrics: dict) -> bool:
@@ -125,23 +134,46 @@ def cooling_early_stopping() -> type:
             exported = super().state()
             exported["args"]["cooldown"] = self.cooldown
             exported["attributes"] |= {"cooldown_start": self.cooldown_start, "cooldown_end": self.cooldown_end,
-                                       "cooldown_factors": self.cooldown_factors, "rewind_from": self.rewind_from,
-                                       "rewound_to": self.rewound_to}
+                                       "cooldown_factors": self.cooldown_factors,
+                                       "rewind_pending": self.rewind_pending, "rewound_to": self.rewound_to}
             return exported
 
     return CoolingEarlyStopping
 
 
-def rewind(checkpoint: str, model, optimizer) -> None:
-    """Load a checkpoint's adapter weights and optimizer state into the training model and its optimizer."""
+def rewind(folder: Path, model, optimizer, lr_scheduler=None) -> None:
+    """Load a checkpoint's adapter weights and optimizer state into the training model and its optimizer; the
+    learning rate stays the scheduler's (the optimizer's state carries the rate of the checkpoint's step)."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = Path(checkpoint)
     set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
     if optimizer is not None and (folder / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        if lr_scheduler is not None:
+            for group, rate in zip(optimizer.param_groups, lr_scheduler.get_last_lr(), strict=True):
+                group["lr"] = rate
+
+
+def best_step_to_fetch(resume_from: Path) -> int | None:
+    """The step of the best checkpoint a checkpoint's training state names, when it is another checkpoint: a job
+    resumed from it needs that one too (it is delivered at the end, and a cooldown may start from its weights)."""
+    state = json.loads((resume_from / "trainer_state.json").read_text())
+    best = state.get("best_global_step")
+    return best if best and best != state.get("global_step") else None
+
+
+def adopt_best_checkpoint(resume_from: Path, best: Path, checkpoints_dir: Path) -> None:
+    """Move the best checkpoint fetched for a resume where the Trainer keeps its checkpoints, and point the resumed
+    state at it: the Trainer forgets a best checkpoint whose folder it cannot find, and then delivers the last."""
+    path = resume_from / "trainer_state.json"
+    state = json.loads(path.read_text())
+    target = checkpoints_dir / f"checkpoint-{state['best_global_step']}"
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.move(best, target)
+    path.write_text(json.dumps({**state, "best_model_checkpoint": str(target)}, indent=2, sort_keys=True) + "\n")
 
 
 def cooldown_of(trainer) -> dict | None:
@@ -181,7 +213,7 @@ def checkpoint_evaluating_trainer() -> type:
 def report_selection(state, spec, hooks: TrainingHooks, cooled: dict | None = None) -> dict | None:
     """Which checkpoint the adapter is, once training succeeded, said in an event: the best evaluated one, or None
     (the last weights) when no checkpoint was evaluated or the best one is not on this worker (chosen before a
-    resume). `cooled`: early stopping's cooldown, if there was one (`cooldown_of`)."""
+    resume and not fetched with it). `cooled`: early stopping's cooldown, if there was one (`cooldown_of`)."""
     if state.best_global_step is None:
         return None
     metric = spec.best_checkpoint_metric

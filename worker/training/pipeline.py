@@ -23,7 +23,7 @@ from worker.training.artifacts import (
     write_training_log,
 )
 from worker.training.attention import use_packed_attention
-from worker.training.best import cooldown_of, report_selection
+from worker.training.best import adopt_best_checkpoint, cooldown_of, report_selection
 from worker.training.compute import compute_path
 from worker.training.data import (
     with_boundaries,
@@ -239,6 +239,7 @@ def train(
     *,
     models_dir: Path,
     resume_from: Path | None = None,
+    resume_best: Path | None = None,
     micro_batch_size: int | None = None,
     gradient_checkpointing: bool | None = None,
     save_every_seconds: float | None = None,
@@ -247,7 +248,8 @@ def train(
 
     `micro_batch_size` and `gradient_checkpointing`, when given, are the job's plan for its GPU class (or its
     out-of-memory retry): the batch stays the spec's, accumulation makes up the difference. `save_every_seconds`
-    adds a checkpoint after that much training since the last one.
+    adds a checkpoint after that much training since the last one. `resume_best`: the best checkpoint so far when
+    `resume_from` is another one (`best_step_to_fetch`), so that a resumed job still delivers it.
     """
     from transformers import set_seed
 
@@ -286,6 +288,8 @@ def train(
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute_description(spec, device)}.")
+    if resume_from is not None and resume_best is not None:
+        adopt_best_checkpoint(resume_from, resume_best, out_dir / "checkpoints")
     train_seconds = run_training(trainer, spec, resume_from)
     state = trainer.state
 
