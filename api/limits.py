@@ -138,8 +138,9 @@ def _refuse(what: str, setting: str, limit: float, unit: str = "") -> QuotaExcee
 def hold_project(session: Session, project: Project) -> None:
     """Lock the project's row until the transaction ends, so that counting what it holds and adding one more is one
     step: two requests arriving together cannot both see room for the last job, file or merge (on PostgreSQL; a
-    SQLite write transaction already holds the whole database)."""
-    session.execute(select(Project.seq).where(Project.id == project.id).with_for_update())
+    SQLite write transaction already holds the whole database). FOR NO KEY UPDATE: it serializes these checks
+    without blocking the rows that merely reference the project (a worker's result files, a new key)."""
+    session.execute(select(Project.seq).where(Project.id == project.id).with_for_update(key_share=True))
 
 
 def check_job_quota(session: Session, settings: Settings, project: Project, plan: dict | None,

@@ -94,9 +94,14 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
     """The job's pre-flight plan from what the training file's report knows so far (core/planning)."""
     by_model = (training_file.report or {}).get("token_stats") or {}
     stats = by_model.get(spec.model)
-    borrowed = borrowed_token_stats(by_model) if stats is None else None
+    refused = cannot_format(training_file.report or {}, spec.model) if stats is None else None
+    # Another tokenizer's count stands in only for a model added after the file was validated, not for one whose
+    # chat template refused the file (that job needs another chat_template; its rows are planned at full length).
+    borrowed = borrowed_token_stats(by_model) if stats is None and refused is None else None
     made = routing.plan_job(settings, spec, token_stats=stats or borrowed, config=config,
                             n_examples=training_examples(spec, training_file, separate_validation=separate_validation))
+    if refused:
+        made.notes.append(f"The training file's tokens could not be counted: {refused}")
     if borrowed:
         made.notes.append(f"The training file's tokens were not counted with {spec.model}'s tokenizer (the model was "
                           f"added after the file was validated): the plan takes {borrowed['model']}'s count, "
@@ -105,6 +110,14 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
         made.notes.append(f"The training file {training_file.id} is still being validated: the plan counts no "
                           "examples or tokens yet.")
     return made
+
+
+def cannot_format(report: dict, model: str) -> str | None:
+    """The validation's warning that `model`'s chat template refused the file, if it gave one."""
+    for warning in report.get("warnings") or []:
+        if warning.get("code") == "model_cannot_format" and warning.get("message", "").startswith(f"{model}: "):
+            return warning["message"]
+    return None
 
 
 def settle_quantization(spec: JobSpec, made) -> JobSpec:

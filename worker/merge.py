@@ -17,14 +17,16 @@ from worker.jobs import Renewal, job_prefix, new_owner
 log = logging.getLogger("lorajobs.worker.merge")
 
 
-def _set_merged(database_url: str, job_id: str, entry: dict) -> bool:
-    """Record the merge's outcome; False when the fine-tuned model was deleted meanwhile (nothing is recorded)."""
+def _set_merged(database_url: str, job_id: str, owner: str, entry: dict) -> bool:
+    """Record the merge's outcome; False, recording nothing, when the fine-tuned model was deleted meanwhile or this
+    worker's claim was taken over (it lapsed while the database was out of reach, and another worker now merges)."""
     with transaction(database_url) as session:
         job = repo.get_any(session, job_id, for_update=True)
-        if job.model_deleted_at is not None:
+        merged = (job.artifacts or {}).get("merged") or {}
+        if job.model_deleted_at is not None or merged.get("claimed_by") != owner:
             return False
         # The sweep's count of resent merge messages stays with the result (docs/operations.md).
-        resends = ((job.artifacts or {}).get("merged") or {}).get("resends")
+        resends = merged.get("resends")
         job.artifacts = {**(job.artifacts or {}), "merged": {**entry, **({"resends": resends} if resends else {})}}
     return True
 
@@ -92,13 +94,19 @@ def merge_job(job_id: str, settings=None) -> None:
             ensure_model(settings, storage, base_model)  # the catalogue's base, downloaded once per host
             merge_adapter(adapter, work / "merged", settings.models_dir, dequantized=dequantized)
             archive = make_archive(work / "merged", work / f"merged.{MERGED_FORMAT}", MERGED_FORMAT)
-            stored = storage.put_file(f"{job_prefix(project_id, job_id)}/merged.{MERGED_FORMAT}", archive)
-        if not _set_merged(settings.database_url, job_id, {"status": "ready", "key": stored.key,
-                                                           "sha256": stored.sha256, "bytes": stored.size,
-                                                           "finished_at": time.time()}):
-            storage.delete(stored.key)  # `DELETE /v1/models/{model}` ran during the merge: keep nothing of it
+            if claim.lost.is_set():
+                log.warning("merge claim taken over; this merge's result is dropped", extra={"job_id": job_id})
+                return
+            # A key of this claim's own: a worker whose claim lapsed mid-upload never overwrites its successor's.
+            tag = claim.owner.rsplit(":", 1)[-1]
+            stored = storage.put_file(f"{job_prefix(project_id, job_id)}/merged-{tag}.{MERGED_FORMAT}", archive)
+        if not _set_merged(settings.database_url, job_id, claim.owner,
+                           {"status": "ready", "key": stored.key, "sha256": stored.sha256, "bytes": stored.size,
+                            "finished_at": time.time()}):
+            storage.delete(stored.key)  # the model deleted during the merge, or the claim lost: keep nothing of it
     except Exception as exc:  # recorded on the job; asking again retries
         log.exception("merge failed", extra={"job_id": job_id})
-        _set_merged(settings.database_url, job_id, {"status": "failed", "message": f"{type(exc).__name__}: {exc}"[:500]})
+        _set_merged(settings.database_url, job_id, claim.owner,
+                    {"status": "failed", "message": f"{type(exc).__name__}: {exc}"[:500]})
     finally:
         claim.done.set()

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from api.schemas_jobs import JobCreate
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, LorajobsError
 from core.spec import JobSpec, LoraSpec
 from db.models import Job
 
@@ -126,7 +126,7 @@ def field_for_param(param: str | None, names: list[str]) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def inline_message(error: InvalidRequest) -> str:
+def inline_message(error: LorajobsError) -> str:
     """The error without its `param: ` prefix: shown next to the field, the field names it already."""
     prefix = f"{error.param}: " if error.param else ""
     return error.message.removeprefix(prefix) if prefix else error.message

@@ -22,7 +22,7 @@ from api.dashboard.auth import signed_in_caller
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.services import artifacts, files as files_service, jobs as jobs_service, models as models_service
 from api.services.projects import authenticate, end_dashboard_session, start_dashboard_session
-from core.errors import AuthenticationError, Conflict, InvalidRequest, LorajobsError, PayloadTooLarge
+from core.errors import AuthenticationError, Conflict, InvalidRequest, LorajobsError, PayloadTooLarge, QuotaExceeded
 from core.settings import Settings
 from db import lifecycle
 from db.models import Job, Project
@@ -339,7 +339,7 @@ def new_job_page(request: Request, db: SessionDep, settings: SettingsDep, projec
 
 
 def _new_job_form(request: Request, db, settings, project: Project, *, values: dict[str, str],
-                  error: InvalidRequest | None = None, plan: dict | None = None,
+                  error: LorajobsError | None = None, plan: dict | None = None,
                   cloned_from: str | None = None) -> HTMLResponse:
     knobs = forms.knob_fields()
     datasets = [f for f in files_service.page(db, project, purpose="fine-tune", after=None, limit=FILES_PER_PAGE,
@@ -348,8 +348,9 @@ def _new_job_form(request: Request, db, settings, project: Project, *, values: d
                    if m.owned_by == models_service.CATALOGUE_OWNER]
     names = ["model", "training_file", "validation_file", "suffix"] + [k.name for k in knobs]
     error_field = forms.field_for_param(error.param, names) if error else None
-    return render(request, "new_job.html", status_code=400 if error else 200, project=project, knobs=knobs,
-                  datasets=datasets, base_models=base_models, values=values, error=error, error_field=error_field,
+    return render(request, "new_job.html", status_code=error.status_code if error else 200, project=project,
+                  knobs=knobs, datasets=datasets, base_models=base_models, values=values, error=error,
+                  error_field=error_field,
                   error_message=forms.inline_message(error) if error else None, cloned_from=cloned_from,
                   plan=views.plan_view(plan or (error.extra.get("plan") if error else None)))
 
@@ -365,7 +366,7 @@ def create_job(request: Request, db: SessionDep, settings: SettingsDep, project:
     check_only = values.get("action") == "plan"
     try:
         created = jobs_service.create(db, settings, project, forms.job_create(values, dry_run=check_only))
-    except InvalidRequest as exc:
+    except (InvalidRequest, QuotaExceeded) as exc:  # shown on the form, not as the API's JSON
         return _new_job_form(request, db, settings, project, values=values, error=exc)
     if check_only:
         return _new_job_form(request, db, settings, project, values=values, plan=created.model_dump(mode="json"))
@@ -473,7 +474,7 @@ def upload_file(request: Request, file: UploadFile, db: SessionDep, settings: Se
     try:
         row = files_service.upload(db, settings, storage, project, stream=file.file, filename=file.filename,
                                    purpose="fine-tune", declared_size=file.size)
-    except (InvalidRequest, PayloadTooLarge) as exc:
+    except (InvalidRequest, PayloadTooLarge, QuotaExceeded) as exc:
         return render(request, "files.html", status_code=exc.status_code, project=project, upload_error=exc.message,
                       poll_url=f"{POLL_PREFIX}/files", max_upload=views.size(settings.max_upload_bytes),
                       **_files_context(db, project))

@@ -78,6 +78,11 @@ def merged_model(session: Session, settings: Settings, project: Project, job_id:
         raise Conflict(f"Job {job_id} is {job.status}; a merged model exists once it has succeeded.",
                        param="fine_tuning_job_id", code="adapter_not_ready")
     merged = (job.artifacts or {}).get("merged") or {}
+    if merged.get("status") not in ("ready", "pending"):
+        # Asked for at once by two requests: the second, once the first committed, finds its merge pending.
+        limits.hold_project(session, project)
+        session.refresh(job, with_for_update=True)
+        merged = (job.artifacts or {}).get("merged") or {}
     if merged.get("status") == "ready":
         return Archive(merged["key"], f"{job.id}-merged.{MERGED_FORMAT}", merged["sha256"], merged["bytes"],
                        MERGED_FORMAT)

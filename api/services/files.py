@@ -63,6 +63,9 @@ def upload(session: Session, settings: Settings, storage: Storage, project: Proj
                               param="file")
     purge_expired(session, storage, project)
     limits.check_file_quota(session, settings, project, declared_size or 0)
+    # Nothing held while the bytes stream in: not the expired files' row locks (a job created meanwhile that names
+    # one would wait for the whole upload, then deadlock on the project's lock), not a connection.
+    session.commit()
     file_id = new_id("file")
     key = lifecycle.file_key(project.id, file_id)
     stored = storage.put_stream(key, stream, max_bytes=limit, content_type="application/jsonl")

@@ -150,6 +150,11 @@ def create(session: Session, settings: Settings, project: Project, body: JobCrea
         _note_unserved(session, plan, placement)
     if dry_run:
         return plan
+    if idempotency_key:  # a retry that waited on the project's lock for its first request finds that job
+        limits.hold_project(session, project)
+        existing = repo.get_by_idempotency_key(session, project.id, idempotency_key)
+        if existing is not None:
+            return _replayed(existing, body_hash)
     limits.check_job_quota(session, settings, project, plan.model_dump(mode="json"), placement)
     job = Job(id=new_id("ftjob"), project_id=project.id, model=spec.model, training_file_id=training.id,
               validation_file_id=validation.id if validation else None, status="validating_files",

@@ -1,6 +1,7 @@
 """Per-key rate limits and per-project quotas: the 429 `rate_limit_exceeded`, its Retry-After, recovery."""
 
 import io
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -166,6 +167,31 @@ def test_jobs_created_at_once_cannot_overrun_the_active_jobs_quota(server, setti
             client.fine_tuning.jobs.cancel(job.id)
 
 
+@pytest.mark.parametrize("server", [{"max_active_jobs_per_project": 1}], indirect=True)
+def test_a_create_sent_again_while_the_first_is_in_flight_gets_that_job_not_the_quota(server, settings):
+    """A client retrying with the same Idempotency-Key before its first request answered: the retry waits for the
+    project's lock, then must find the first request's job, not count it against the quota."""
+    key = make_project_key(settings).key
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    file_id = processed_file(client, support_dataset(12))
+    body = {"model": TINY_MODEL_ID, "training_file": file_id, "extra_headers": {"Idempotency-Key": "retry-1"},
+            "extra_body": {"quantization": "none", "lora": {"r": 4}, "max_seq_length": 64, "n_epochs": 40}}
+
+    def create(_):
+        try:
+            return client.fine_tuning.jobs.create(**body).id
+        except openai.RateLimitError as exc:
+            return exc.message
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(create, range(8)))
+    try:
+        assert len(set(answers)) == 1 and answers[0].startswith("ftjob-"), answers
+    finally:
+        for job_id in {a for a in answers if a.startswith("ftjob-")}:
+            client.fine_tuning.jobs.cancel(job_id)
+
+
 @pytest.mark.parametrize("server", [{"max_queued_gpu_hours_per_project": 1e-9}], indirect=True)
 def test_queued_planned_hours_quota_uses_the_jobs_plan(server, settings):
     key = make_project_key(settings).key
@@ -189,3 +215,29 @@ def test_an_unreachable_redis_lets_requests_through_rather_than_failing_them(set
     finally:
         api.stop()
     assert statuses == [200, 200, 200]
+
+
+@pytest.mark.parametrize("server", [{"max_active_jobs_per_project": 1, "max_files_per_project": 1}], indirect=True)
+def test_the_dashboards_forms_say_a_quota_is_reached(server, settings):
+    """A person at the quota gets the form back with the quota's message, not the API's JSON error."""
+    key = make_project_key(settings).key
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    file_id = processed_file(client, support_dataset(12))
+    running = client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=file_id, extra_body={
+        "quantization": "none", "lora": {"r": 4}, "max_seq_length": 64, "n_epochs": 40})
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, follow_redirects=True) as browser:
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/login").text).group(1)
+            assert browser.post("/login", data={"api_key": key, "csrf_token": csrf}).status_code == 200
+            form = browser.get(f"/jobs/new?training_file={file_id}").text
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+            job = browser.post("/jobs/new", data={"csrf_token": csrf, "model": TINY_MODEL_ID, "training_file": file_id,
+                                                  "lora.r": "4", "max_seq_length": "64", "action": "create"})
+            assert job.status_code == 429 and job.headers["content-type"].startswith("text/html")
+            assert "Project quota reached: 1 jobs already validating, queued or running" in job.text
+            upload = browser.post("/files", data={"csrf_token": csrf},
+                                  files={"file": ("more.jsonl", support_dataset(12), "application/jsonl")})
+            assert upload.status_code == 429 and upload.headers["content-type"].startswith("text/html")
+            assert "Project quota reached: the project holds 1 files" in upload.text
+    finally:
+        client.fine_tuning.jobs.cancel(running.id)

@@ -13,7 +13,7 @@ from db.models import Project
 from db.repositories import jobs as jobs_repo
 from db.session import transaction
 from tests.faults.rows import event_messages, file_row, job_row, make_file, make_job, make_jobs, make_project
-from worker.merge import merge_job
+from worker.merge import MergeClaim, _set_merged, merge_job
 from worker.sweep import sweep
 
 LOST = "The worker was lost (lease expired)"
@@ -208,6 +208,30 @@ def test_a_resent_merge_leaves_one_another_worker_is_running_and_takes_over_a_de
     # retries).
     merged = job_row(quiet, abandoned).artifacts["merged"]
     assert merged["status"] == "failed" and "claimed_by" not in merged
+
+
+def test_a_merge_whose_claim_lapsed_and_was_taken_over_records_nothing(quiet):
+    artifacts = {"tar.gz": {"key": "projects/none/adapter.tar.gz", "sha256": "0" * 64, "bytes": 1}}
+    job = make_job(quiet, status="succeeded", artifacts={**artifacts, "merged": {"status": "pending",
+                                                                                  "requested_at": time.time()}})
+    first = MergeClaim(quiet, job, "host:1:first")
+    assert first.take() is not None
+    # The first worker's database is out of reach past the lease: its claim lapses and a resent message's worker
+    # takes the merge over.
+    with transaction(quiet.database_url) as session:
+        row = jobs_repo.get_any(session, job, for_update=True)
+        row.artifacts = {**row.artifacts, "merged": {**row.artifacts["merged"], "claimed_until": time.time() - 1}}
+    second = MergeClaim(quiet, job, "host:2:second")
+    assert second.take() is not None
+    # The first worker, back, neither renews nor records its outcome over the second's merge.
+    with transaction(quiet.database_url) as session:
+        assert not first.renew(session)
+    assert not _set_merged(quiet.database_url, job, first.owner, {"status": "failed", "message": "late"})
+    merged = job_row(quiet, job).artifacts["merged"]
+    assert merged["status"] == "pending" and merged["claimed_by"] == "host:2:second"
+    assert _set_merged(quiet.database_url, job, second.owner, {"status": "ready", "key": "k", "sha256": "0" * 64,
+                                                               "bytes": 1, "finished_at": time.time()})
+    assert job_row(quiet, job).artifacts["merged"]["status"] == "ready"
 
 
 def test_the_sweep_on_the_embedded_sqlite_database(quiet, tmp_path):

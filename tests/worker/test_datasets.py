@@ -3,17 +3,23 @@
 import json
 import shutil
 
+import pytest
+
 from core.datasets.validate import validate_jsonl
 from core.settings import Settings
 from core.storage import get_storage
+from db.lifecycle import plan
+from db.models import File
 from tests.helpers.tiny_model import retail_chat_records
-from tests.worker.conftest import TINY
+from tests.worker.conftest import TINY, tiny_spec
 from worker.datasets import add_token_stats
 
 REFUSING = "tiny/refuses-chats"
 
 
-def test_a_model_whose_template_refuses_the_data_is_reported_and_the_others_still_count(models_dir, tmp_path):
+@pytest.fixture
+def counted(models_dir, tmp_path):
+    """A catalogue of the tiny model and a copy whose chat template refuses every chat; a file's report from it."""
     catalogue = tmp_path / "models"
     shutil.copytree(models_dir / TINY, catalogue / TINY)
     refusing = shutil.copytree(models_dir / TINY, catalogue / REFUSING)
@@ -29,10 +35,26 @@ def test_a_model_whose_template_refuses_the_data_is_reported_and_the_others_stil
     with storage.open("train.jsonl") as stream:
         report = validate_jsonl(stream)
 
-    report = add_token_stats(report, settings, storage, "train.jsonl")
+    return add_token_stats(report, settings, storage, "train.jsonl"), settings
 
+
+def test_a_model_whose_template_refuses_the_data_is_reported_and_the_others_still_count(counted):
+    report, _ = counted
     assert report.ok and report.token_stats[TINY].count == 12 and REFUSING not in report.token_stats
     [warning] = [w for w in report.warnings if w.code == "model_cannot_format"]
     assert warning.line == 1 and warning.message.startswith(f"{REFUSING}: ")
     assert "this template takes no chats" in warning.message and "chat_template" in warning.message
     assert report.warning_counts["model_cannot_format"] == 1
+
+
+def test_a_model_whose_template_refused_the_file_is_not_planned_from_another_models_count(counted):
+    report, settings = counted
+    training = File(id="file-counted", status="processed", bytes=1, report=report.model_dump(mode="json"))
+    config = json.loads((settings.models_dir / REFUSING / "config.json").read_text())
+    made = plan(settings, tiny_spec(model=REFUSING, max_seq_length=128), training, separate_validation=False,
+                config=config)
+    # Not the tiny model's count "a quarter longer" with a note blaming a late-added model: full-length rows, and why.
+    assert made.longest_example == 128
+    assert not any("were not counted with" in note for note in made.notes)
+    assert any(note.startswith("The training file's tokens could not be counted: tiny/refuses-chats: ")
+               and "this template takes no chats" in note for note in made.notes)
