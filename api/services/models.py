@@ -35,7 +35,8 @@ def get(session: Session, settings: Settings, project: Project, model_id: str) -
 
 def delete(session: Session, settings: Settings, storage: Storage, project: Project, model_id: str) -> None:
     """Delete a fine-tuned model: its adapter archives, merged model and checkpoints; the job keeps its history."""
-    job = jobs_repo.by_fine_tuned_model(session, project.id, model_id)
+    # Locked: a merge finishing meanwhile records its archive first (then deleted here) or finds the model gone.
+    job = jobs_repo.by_fine_tuned_model(session, project.id, model_id, for_update=True)
     if job is None:
         if any(m.id == model_id for m in catalogue.list_all(session, settings.models_dir)):
             raise PermissionDenied(f"'{model_id}' is a base model of the catalogue; only fine-tuned models can be "

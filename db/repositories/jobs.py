@@ -251,7 +251,8 @@ def count_merged(session: Session, project_id: str) -> int:
                in ("pending", "ready"))
 
 
-def by_fine_tuned_model(session: Session, project_id: str, model: str) -> Job | None:
+def by_fine_tuned_model(session: Session, project_id: str, model: str, *, for_update: bool = False) -> Job | None:
     """The project's succeeded job that produced `model`, unless that model was deleted."""
-    return session.scalar(select(Job).where(Job.project_id == project_id, Job.fine_tuned_model == model,
-                                            Job.status == "succeeded", Job.model_deleted_at.is_(None)))
+    stmt = select(Job).where(Job.project_id == project_id, Job.fine_tuned_model == model,
+                             Job.status == "succeeded", Job.model_deleted_at.is_(None))
+    return session.scalar(stmt.with_for_update() if for_update else stmt)
