@@ -5,6 +5,7 @@ claimed and does nothing; a lost worker's job is requeued by the sweep and resum
 checkpoint stored here.
 """
 
+import abc
 import csv
 import io
 import json
@@ -77,7 +78,7 @@ def job_prefix(project_id: str, job_id: str) -> str:
     return f"projects/{project_id}/jobs/{job_id}"
 
 
-class Renewal(threading.Thread):
+class Renewal(threading.Thread, metaclass=abc.ABCMeta):
     """Renews a claim (a job's lease, a merge's claim) every third of the lease while the work runs.
 
     A database blip costs nothing: the claim still has time, renewal is tried again next tick. A claim found lost
@@ -92,9 +93,9 @@ class Renewal(threading.Thread):
         self.lost = threading.Event()
         self.done = threading.Event()
 
+    @abc.abstractmethod
     def renew(self, session) -> bool:
         """Extend the claim; False when this worker no longer holds it."""
-        raise NotImplementedError
 
     def stalled(self) -> bool:
         """Whether the work stopped making progress: the claim is then given up (`lost`, then `abandon`)."""
