@@ -155,7 +155,7 @@ class OptimizationSection(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise on the input embeddings while training, scaled by alpha / "
-        "sqrt(tokens × width) (transformers' Trainer); null: off."
+        "sqrt(L × width), L each example's own length (packed or padded); null: off."
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds data order, adapter init, dropout and the split.")
 

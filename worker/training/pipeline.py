@@ -90,7 +90,6 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
         warmup_steps=spec.warmup_ratio,  # a float below 1 is a fraction of the total steps in transformers 5
         weight_decay=spec.weight_decay,
         max_grad_norm=spec.max_grad_norm,
-        neftune_noise_alpha=spec.neftune_noise_alpha,
         seed=spec.seed,
         data_seed=spec.seed,
         optim="paged_adamw_8bit" if quantized and device == "cuda" else "adamw_torch",
@@ -119,6 +118,7 @@ def build_trainer(spec, hp, model, tokenizer, train_data, collator, checkpoints_
     from transformers import PrinterCallback
 
     from worker.training.best import checkpoint_evaluating_trainer, selection_callbacks
+    from worker.training.neftune import noise_callbacks
 
     trainer = checkpoint_evaluating_trainer()(
         model=model,
@@ -127,7 +127,7 @@ def build_trainer(spec, hp, model, tokenizer, train_data, collator, checkpoints_
         eval_dataset=valid_rows or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[callback, *selection_callbacks(spec, bool(valid_rows))],
+        callbacks=[callback, *selection_callbacks(spec, bool(valid_rows)), *noise_callbacks(spec)],
         hooks_callback=callback,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the hooks, not stdout
