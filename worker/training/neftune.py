@@ -17,8 +17,8 @@ def token_lengths(position_ids, attention_mask, shape):
     import torch
 
     batch, length = shape
-    if position_ids is not None and attention_mask is None:
-        # Packed rows: an example starts where its position id is 0.
+    if position_ids is not None and (attention_mask is None or bool(attention_mask.all())):
+        # Packed rows (no padding): an example starts where its position id is 0.
         starts = position_ids.reshape(batch, length) == 0
         starts[:, 0] = True
         segment = torch.cumsum(starts.long(), dim=-1) - 1 + torch.arange(batch, device=starts.device)[:, None] * length

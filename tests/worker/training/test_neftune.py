@@ -46,6 +46,8 @@ def bound(length):
 def test_lengths_of_packed_and_padded_rows():
     packed = token_lengths(torch.tensor([[0, 1, 2, 0, 1, 0]]), None, (1, 6))
     assert packed.flatten().tolist() == [3, 3, 3, 2, 2, 1]
+    with_mask = token_lengths(torch.tensor([[0, 1, 2, 0, 1, 0]]), torch.ones(1, 6, dtype=torch.long), (1, 6))
+    assert with_mask.flatten().tolist() == [3, 3, 3, 2, 2, 1]  # a packing collator that also gives a mask of ones
     padded = token_lengths(None, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), (2, 4))
     assert padded[:, :, 0].tolist() == [[2, 2, 2, 2], [4, 4, 4, 4]]
 
