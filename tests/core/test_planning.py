@@ -188,7 +188,7 @@ def test_qlora_parts_follow_the_4_bit_storage_rule():
 def _peak(config: dict, spec: JobSpec, gpu: GpuClass, micro: int, checkpointing: bool) -> int:
     shape = model_shape(config)
     setup = TrainingSetup(device=gpu.device, quantization=spec.quantization, double_quant=spec.double_quant,
-                          optimizer="paged_adamw_8bit" if spec.quantization != "none" else "adamw_torch",
+                          optimizer="paged_adamw_8bit" if spec.quantization != "none" else "adamw_torch_fused",
                           gradient_checkpointing=checkpointing, tokens=micro * spec.max_seq_length,
                           sequence=micro * spec.max_seq_length, masked=micro > 1, lora_dropout=spec.lora.dropout)
     return estimate_memory(shape, adapter_counts(shape, config, spec.lora), setup).peak
@@ -380,7 +380,7 @@ def test_the_cpu_is_a_class_of_its_own_and_comes_after_the_gpus():
     plan = make_plan(smollm2, spec, gpu_classes=cpu + GPUS[:1])
     assert plan.smallest_fitting_class == "gpu-24g"
     on_cpu = plan.classes[0]
-    assert on_cpu.fits and on_cpu.optimizer == "adamw_torch"
+    assert on_cpu.fits and on_cpu.optimizer == "adamw_torch_fused"
     # DESIGN.md measured 3.2 GB peak RSS for this job (LoRA q/v, batch 8, examples up to 128 tokens)
     assert 2.5 * GB < on_cpu.memory.peak < 4.0 * GB
     assert make_plan(smollm2, spec, gpu_classes=cpu).smallest_fitting_class == "cpu"

@@ -12,6 +12,7 @@ from core.archives import sha256_file
 from core.datasets.tokens import length_summary
 from core.errors import InvalidRequest
 from core.planning import GpuClass, cpu_class, make_plan
+from core.planning.memory import worker_optimizer
 from core.spec import JobSpec, ResolvedHyperparameters, model_width, resolve_auto
 from worker.catalogue import base_provenance
 from worker.training.answers import answerer, report_answers
@@ -77,7 +78,6 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
 
     from worker.training.best import selection_arguments
 
-    quantized = spec.quantization != "none"
     # bf16 autocast: on a GPU that supports it, and on a CPU where plain LoRA measured fastest that way.
     bf16 = (device == "cuda" and torch.cuda.is_bf16_supported()) or compute_path(spec, device).autocast_bf16
     return TrainingArguments(
@@ -92,7 +92,7 @@ def training_arguments(spec: JobSpec, hp: ResolvedHyperparameters, checkpoints_d
         max_grad_norm=spec.max_grad_norm,
         seed=spec.seed,
         data_seed=spec.seed,
-        optim="paged_adamw_8bit" if quantized and device == "cuda" else "adamw_torch",
+        optim=worker_optimizer(spec.quantization, device),
         bf16=bf16,
         fp16=device == "cuda" and not bf16,
         use_cpu=device == "cpu",
