@@ -41,7 +41,7 @@ ALL_LINEAR = {"r": 16, "target_modules": "all-linear"}
 QV = {"r": 16, "target_modules": "attention-qv"}
 CONFIGS = {
     "old": {"quantization": "none", "early_stopping_patience": None, "n_epochs": 3, "batch_size": 1,
-            "learning_rate": 1e-4, "lora": QV},
+            "learning_rate": 1e-4, "lora": QV, "neftune_noise_alpha": None},
     "defaults": {},  # quantization `auto`: plain LoRA here, as the 16-bit base fits this CPU
     "new": {"quantization": "none", "n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3, "lora": ALL_LINEAR},
     # Ablation: only the batch and the learning rate of `new` (epochs and q/v targets as `old`).

@@ -178,10 +178,11 @@ def test_the_same_seed_gives_the_same_losses(lora_run, models_dir, chat_files, t
 
 
 def test_neftune_noises_the_embeddings_while_training(lora_run, models_dir, chat_files, tmp_path):
-    first, first_dir, _ = lora_run
-    noised = train(tiny_spec(eval_steps=2, save_steps=2, save_total_limit=2, neftune_noise_alpha=5.0), chat_files[0],
-                   chat_files[1], tmp_path, models_dir=models_dir)
-    losses, clean = train_losses(tmp_path), train_losses(first_dir)
+    noised, noised_dir, _ = lora_run
+    assert tiny_spec().neftune_noise_alpha == 5.0  # on by default
+    first = train(tiny_spec(eval_steps=2, save_steps=2, save_total_limit=2, neftune_noise_alpha=None), chat_files[0],
+                  chat_files[1], tmp_path, models_dir=models_dir)
+    losses, clean = train_losses(noised_dir), train_losses(tmp_path)
     assert losses[1] != clean[1]  # the same seed and rows: the first step differs only by the noise
     # The baseline evaluation, before training, runs without the noise: the plain run's loss to the last digit.
     assert noised.baseline_eval["loss"] == first.baseline_eval["loss"]
