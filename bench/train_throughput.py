@@ -10,14 +10,15 @@ interleaved over --rounds, in a rotated order):
         prompt-completion form of each chat (trl 1.x needs `{% generation %}` markers for assistant-only loss)
 Every variant gets the same base model, loaded by the same function (`load_base_model`: fp32 for LoRA, NF4 with
 the machine's compute dtype for QLoRA), the same LoRA settings, data, order and hyperparameters, and is timed by
-the same wall clock around its Trainer's `train()` (model loading, tokenizing and evaluation excluded alike).
+the same wall clock around its Trainer's `train()` (model loading, tokenizing and evaluation excluded alike; the
+final checkpoint that every Trainer saves by default, inside `train()`, included alike).
 Real tokens are the example tokens each recipe trains on (no padding); every final eval loss is computed by the
 same function on the same validation rows (assistant tokens only), once per variant: training is seeded. b2 (a
 reference) runs in round 1 only, and so does a baseline under 75 % of round 1's fastest (it cannot be the best;
 --every-round runs them all).
 
-Two datasets: the demo (rows of 64–92 tokens) and a long-tailed one (bench/longtail_dataset.py, about 70 to
-1,000 tokens), where padding costs most. The JSON written to --json holds every run, the medians with min–max
+Two datasets: the demo (rows of 64–92 tokens; 64 of them by default) and a long-tailed one (16 by default;
+bench/longtail_dataset.py, about 70 to 1,000 tokens), where padding costs most. The JSON written to --json holds every run, the medians with min–max
 spread, ratios of the core against each baseline, and the machine (CPU model and flags, threads, torch version,
 load average, and the CPU time other processes took during the run); the run warns when that was more than a
 quarter of a core: the figures then measure the contention, not the code.
@@ -49,8 +50,22 @@ VARIANTS = {
 B2_LENGTH = 256  # the demo's rows are at most 92 tokens; padding the long-tailed rows to 1,024 would need ~10 GB
 BASELINES = ("b1", "c1", "c2")  # the goal: the core against the best of these
 DATASETS = ("demo", "longtail")
+# The demo's rows are short: 64 of them (8 steps) keep its timed window long enough to be stable, where 16 (two
+# steps of a few seconds) moved by a quarter between rounds; the long-tailed rows cost 4× as much a row.
+DEFAULT_EXAMPLES = {"demo": 64, "longtail": 16}
 SLOW_BASELINE = 0.75  # a baseline below this share of round 1's fastest cannot be the best: it runs once
 BUSY_OTHER_CORES = 0.25  # other processes' average CPU use (in cores) above which the figures are flagged
+
+
+def examples_per_dataset(text: str) -> dict[str, int]:
+    """'48' (every dataset) or 'demo=64,longtail=16' (a dataset not named keeps its default)."""
+    if "=" not in text:
+        return dict.fromkeys(DATASETS, int(text))
+    given = {name.strip(): int(count) for name, count in (part.split("=") for part in text.split(","))}
+    unknown = set(given) - set(DATASETS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dataset {sorted(unknown)}: choose from {', '.join(DATASETS)}")
+    return {**DEFAULT_EXAMPLES, **given}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated: demo, longtail.")
     parser.add_argument("--modes", default="lora,qlora", help="Comma-separated: lora, qlora.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--examples", type=int, default=16, help="Training examples per dataset.")
+    parser.add_argument("--examples", type=examples_per_dataset, default=dict(DEFAULT_EXAMPLES),
+                        help="Training examples: one number for every dataset, or per dataset as in the default, "
+                             "'demo=64,longtail=16'.")
     parser.add_argument("--valid-examples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=1024)
@@ -88,8 +105,8 @@ def prepare_data(name: str, args, workdir: Path) -> Path:
         from bench.longtail_dataset import write
 
         source = out / "source"
-        write(source, args.examples, args.valid_examples)
-    head_jsonl(source / "train.jsonl", args.examples, out / "train.jsonl")
+        write(source, args.examples[name], args.valid_examples)
+    head_jsonl(source / "train.jsonl", args.examples[name], out / "train.jsonl")
     head_jsonl(source / "valid.jsonl", args.valid_examples, out / "valid.jsonl")
     return out
 
@@ -103,6 +120,7 @@ def spec_for(args, quantization: str):
     return JobSpec(model=SMOLLM2_ID, quantization=quantization, n_epochs=1, batch_size=args.batch_size,
                    micro_batch_size=args.batch_size, learning_rate=args.learning_rate, max_seq_length=args.max_seq_length,
                    warmup_ratio=0.0, lora={"r": 8, "dropout": 0.0}, seed=0, save_steps=10_000, save_total_limit=1,
+                   neftune_noise_alpha=None,  # the baselines train without it: the same maths everywhere
                    answer_samples=0, early_stopping_patience=None,  # throughput only: no sample answers,
                    validation_fraction=0.0)  # and no held-out split: it would drop rows and evaluate inside train()
 
@@ -181,6 +199,15 @@ def run_core(args, spec, data: Path, with_eval: bool) -> dict:
             "peak_rss_mb": peak, "final_eval_loss": loss}
 
 
+def final_save(spec) -> dict:
+    """Every variant saves one checkpoint (adapter, optimizer, scheduler) at the end of its timed `train()`, as the
+    Trainer's and trl's default `save_strategy` does and as the core must (a job resumes and delivers from it): no
+    save within the run (`save_steps` beyond its steps), the last step's save included in every clock alike. The
+    first versions of this benchmark gave the baselines `save_strategy="no"`, which timed the core's final save
+    against nothing."""
+    return {"save_strategy": "steps", "save_steps": spec.save_steps, "save_total_limit": 1}
+
+
 def _trainer_args(spec, args, **extra):
     from transformers import TrainingArguments
 
@@ -188,7 +215,7 @@ def _trainer_args(spec, args, **extra):
 
     return TrainingArguments(bf16=compute_path(spec, "cpu").autocast_bf16, output_dir=str(args.workdir / "hf"), per_device_train_batch_size=args.batch_size,
                              num_train_epochs=spec.n_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="linear",
-                             seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to="none",
+                             seed=0, data_seed=0, logging_steps=1, **final_save(spec), report_to="none",
                              disable_tqdm=True, use_cpu=True, remove_unused_columns=False, **extra)
 
 
@@ -245,7 +272,7 @@ def run_trl(args, spec, data: Path, tuned: bool, with_eval: bool) -> dict:
         extra = {"padding_free": True, "completion_only_loss": True, "gradient_checkpointing": False, "max_length": None}
     config = SFTConfig(output_dir=str(args.workdir / "trl"), per_device_train_batch_size=args.batch_size,
                        num_train_epochs=spec.n_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="linear",
-                       seed=0, data_seed=0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+                       seed=0, data_seed=0, logging_steps=1, **final_save(spec), report_to="none", disable_tqdm=True,
                        use_cpu=True, bf16=compute_path(spec, "cpu").autocast_bf16, **({"max_length": spec.max_seq_length} | extra))
     torch.manual_seed(0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -399,7 +426,7 @@ def print_report(args, summary: dict, load: dict, wall: float) -> None:
     for dataset, modes in summary.items():
         for mode, variants in modes.items():
             lora = spec_for(args, "none").lora
-            print(f"\n{dataset} data, {mode.upper()}: SmolLM2-135M-Instruct, {args.examples} examples, batch "
+            print(f"\n{dataset} data, {mode.upper()}: SmolLM2-135M-Instruct, {args.examples[dataset]} examples, batch "
                   f"{args.batch_size}, LoRA r={lora.r} on {lora.target_modules}, {args.rounds} round(s), "
                   "median [min–max]\n")
             print(f"{'variant':<44}{'real tok/s':>24}{'core ×':>8}{'peak RSS MB':>13}{'eval loss':>11}")

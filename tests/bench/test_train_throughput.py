@@ -66,3 +66,13 @@ def test_one_round_runs_every_variant_and_the_core_trains_exactly_the_baseline_s
     assert core["real_tokens"] == b1["real_tokens"] > 0 and core["steps"] == b1["steps"] == 2
     assert core["final_eval_loss"] == pytest.approx(b1["final_eval_loss"], rel=1e-4)  # same rows, same labels
     assert core["ratios"]["b1"] == core["tokens_per_second"]["median"] / b1["tokens_per_second"]["median"]
+
+
+def test_examples_are_given_per_dataset_or_for_all():
+    from bench.train_throughput import parse_args
+
+    assert parse_args([]).examples == {"demo": 64, "longtail": 16}
+    assert parse_args(["--examples", "48"]).examples == {"demo": 48, "longtail": 48}
+    assert parse_args(["--examples", "longtail=8"]).examples == {"demo": 64, "longtail": 8}
+    with pytest.raises(SystemExit):
+        parse_args(["--examples", "alpaca=8"])
