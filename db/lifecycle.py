@@ -115,7 +115,10 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
 def cannot_format(report: dict, model: str) -> str | None:
     """The validation's warning that `model`'s chat template refused the file, if it gave one."""
     for warning in report.get("warnings") or []:
-        if warning.get("code") == "model_cannot_format" and warning.get("message", "").startswith(f"{model}: "):
+        if warning.get("code") != "model_cannot_format":
+            continue
+        about = warning.get("model")  # absent from reports stored before the field: their message names it first
+        if about == model or (about is None and warning.get("message", "").startswith(f"{model}: ")):
             return warning["message"]
     return None
 

@@ -12,6 +12,8 @@ class Problem(BaseModel):
     line: int | None = Field(description="1-based line number; null for a problem of the whole file")
     code: str = Field(description="A stable code, documented in docs/datasets.md")
     message: str = Field(description="What is wrong and how to fix it")
+    model: str | None = Field(None, description="The base model a problem of one model's tokenizer or chat template "
+                                                "is about (`truncation`, `model_cannot_format`); null for the others")
 
 
 class Duplicates(BaseModel):
@@ -77,7 +79,7 @@ class ValidationReport(BaseModel):
         report.warning_counts["model_cannot_format"] = report.warning_counts.get("model_cannot_format", 0) + 1
         if len(report.warnings) < LISTED_PROBLEMS:
             report.warnings.append(Problem(
-                line=line, code="model_cannot_format",
+                line=line, code="model_cannot_format", model=model,
                 message=f"{model}: {message}; jobs on this model need another chat_template (see docs/job-spec.md)"))
         return report
 
@@ -119,4 +121,4 @@ def _truncation_warning(stats: TokenStats) -> Problem:
         message += f"; {stats.no_trainable_after_truncation} would keep no trained token and teach nothing"
     message += ": shorten them or raise max_seq_length"
     first_line = stats.truncated_lines[0] if stats.truncated_lines else None
-    return Problem(line=first_line, code="truncation", message=message)
+    return Problem(line=first_line, code="truncation", message=message, model=stats.model)

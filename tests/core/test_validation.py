@@ -391,7 +391,7 @@ def test_the_report_round_trips_through_json_with_ok_and_summary():
 
     assert data["ok"] is False
     assert data["summary"] == report.summary
-    assert data["errors"][0] == {"line": 3, "code": "invalid_json", "message": data["errors"][0]["message"]}
+    assert data["errors"][0] == {"line": 3, "code": "invalid_json", "message": data["errors"][0]["message"], "model": None}
     assert ValidationReport.model_validate(data) == report
 
 

@@ -8,7 +8,7 @@ import pytest
 from core.datasets.validate import validate_jsonl
 from core.settings import Settings
 from core.storage import get_storage
-from db.lifecycle import plan
+from db.lifecycle import cannot_format, plan
 from db.models import File
 from tests.helpers.tiny_model import retail_chat_records
 from tests.worker.conftest import TINY, tiny_spec
@@ -42,7 +42,7 @@ def test_a_model_whose_template_refuses_the_data_is_reported_and_the_others_stil
     report, _ = counted
     assert report.ok and report.token_stats[TINY].count == 12 and REFUSING not in report.token_stats
     [warning] = [w for w in report.warnings if w.code == "model_cannot_format"]
-    assert warning.line == 1 and warning.message.startswith(f"{REFUSING}: ")
+    assert warning.line == 1 and warning.model == REFUSING and warning.message.startswith(f"{REFUSING}: ")
     assert "this template takes no chats" in warning.message and "chat_template" in warning.message
     assert report.warning_counts["model_cannot_format"] == 1
 
@@ -58,3 +58,8 @@ def test_a_model_whose_template_refused_the_file_is_not_planned_from_another_mod
     assert not any("were not counted with" in note for note in made.notes)
     assert any(note.startswith("The training file's tokens could not be counted: tiny/refuses-chats: ")
                and "this template takes no chats" in note for note in made.notes)
+    # A report stored before warnings named their model is still read by its message.
+    stored = report.model_dump(mode="json")
+    for warning in stored["warnings"]:
+        warning.pop("model")
+    assert cannot_format(stored, REFUSING).startswith(f"{REFUSING}: ") and cannot_format(stored, TINY) is None
