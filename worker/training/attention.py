@@ -7,6 +7,9 @@ made packed SmolLM2 training slower than padding each batch to its longest row. 
 solve this on a GPU where they are installed; everywhere else `packed_sdpa` runs SDPA with `is_causal=True` on each
 example's slice of the row, found from the `cu_seq_lens_q` boundaries the training collator adds.
 
+A bf16 model on the CPU attends in float32 in examples shorter than the measured `FP32_BELOW` of its config
+(worker/training/compute.py `AttentionPath`): PyTorch's CPU kernel is much slower in bf16 on short sequences.
+
 Without those boundaries (evaluation, generation, unpacked batches) it is transformers' own SDPA, mask included.
 Sliding-window layers get a windowed mask for an example longer than their window. A family whose forward does not
 hand keyword arguments down to its attention layers never sees the boundaries and keeps the dense mask: correct,
@@ -17,6 +20,7 @@ import functools
 
 PACKED_SDPA = "lorajobs_packed_sdpa"
 BOUNDARY_KEY = "cu_seq_lens_q"  # the name flash-attention varlen uses; models hand it down to attention
+FP32_BELOW = "lorajobs_fp32_attention_below"  # config attribute: examples shorter than this attend in float32
 
 
 def _window_mask(length: int, window: int, device):
@@ -40,12 +44,20 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 
     rest = {k: v for k, v in kwargs.items() if k != BOUNDARY_KEY}
     window = rest.get("sliding_window") or getattr(module, "sliding_window", None)
+    fp32_below = getattr(getattr(module, "config", None), FP32_BELOW, 0) if query.dtype == torch.bfloat16 else 0
     outputs = []
     for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist()):
         length = end - start
         mask = _window_mask(length, window, query.device) if window and length > window else None
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                        mask, dropout=dropout, scaling=scaling, is_causal=mask is None, **rest)
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if length < fp32_below:
+            with torch.autocast(query.device.type, enabled=False):
+                out, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, dropout=dropout,
+                                                scaling=scaling, is_causal=mask is None, **rest)
+            out = out.to(query.dtype)
+        else:
+            out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
+                                            is_causal=mask is None, **rest)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
 
@@ -61,12 +73,14 @@ def register() -> str:
     return PACKED_SDPA
 
 
-def use_packed_attention(model) -> bool:
-    """Switch a text model that runs transformers' SDPA to `packed_sdpa`; leave every other model as it is."""
+def use_packed_attention(model, fp32_below: int = 0) -> bool:
+    """Switch a text model that runs transformers' SDPA to `packed_sdpa`; leave every other model as it is.
+    `fp32_below`: a bf16 model's examples shorter than this attend in float32 (`AttentionPath`)."""
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa" or config.sub_configs:
         return False
     model.set_attn_implementation(register())
+    setattr(config, FP32_BELOW, fp32_below)
     return config._attn_implementation == PACKED_SDPA
 
 

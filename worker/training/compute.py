@@ -24,6 +24,8 @@ PROBE_FEATURES = 1024  # a layer of this width (SmolLM2's is 576, a 7B's 4096)
 PROBE_TOKENS = 256
 PROBE_REPEATS = 3
 
+ATTENTION_LENGTHS = (64, 128, 256, 512, 1024)  # example lengths the attention probe times, up to the spec's limit
+
 PLAIN_CANDIDATES = ("float32", "bf16-autocast", "bfloat16")
 QUANTIZED_CANDIDATES = ("float32", "bfloat16")
 
@@ -117,6 +119,69 @@ def measured_cpu_path(quantized: bool) -> ComputePath:
     with torch.random.fork_rng():  # the probe's random inputs must not move the job's seeded stream
         seconds = {name: _best_of(make(name)) for name in candidates}
     return ComputePath("cpu", quantized, choose(seconds), "measured", seconds)
+
+
+@dataclass(frozen=True)
+class AttentionPath:
+    """Where a bf16 model on the CPU attends in float32 instead: in examples shorter than `fp32_below` tokens.
+
+    PyTorch's CPU flash-attention kernel ran a short example's causal attention, forward and backward, about 3x
+    slower in bf16 than in float32 on an AVX512-BF16 EPYC (80 tokens: 1.65 ms against 0.58, casts included), while
+    at 1,000 tokens bf16 was 1.3x faster: per-example attention over packed rows of short examples spent a quarter
+    of a SmolLM2 step there. So this is measured per length, like the layers' dtype, and float32 (the more precise)
+    is kept at a length unless bf16 beats it by `MIN_GAIN`."""
+
+    fp32_below: int  # 0: every example attends in bf16
+    seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # length -> candidate -> best time
+
+    def description(self) -> str:
+        probed = max(self.seconds) if self.seconds else 0
+        where = ("no example" if self.fp32_below == 0 else "every example" if self.fp32_below > probed
+                 else f"examples under {self.fp32_below} tokens")
+        timings = "; ".join(f"{length} tokens: float32 {1000 * s['float32']:.2f} ms, bfloat16 {1000 * s['bfloat16']:.2f} ms"
+                            for length, s in sorted(self.seconds.items()))
+        return f"attention in float32 for {where} (measured per example: {timings})"
+
+
+def _attention_step(candidate: str, length: int, heads: int, kv_heads: int, head_dim: int):
+    import torch
+
+    shape = (1, heads, length, head_dim), (1, kv_heads, length, head_dim), (1, kv_heads, length, head_dim)
+    q, k, v = (torch.randn(*s, dtype=torch.bfloat16, requires_grad=True) for s in shape)
+
+    def step():
+        inputs = (q.float(), k.float(), v.float()) if candidate == "float32" else (q, k, v)
+        out = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=kv_heads != heads)
+        out.to(torch.bfloat16).float().sum().backward()
+
+    return step
+
+
+@functools.cache
+def measured_attention_path(heads: int, kv_heads: int, head_dim: int, max_length: int) -> AttentionPath:
+    """Time one example's causal attention, forward and backward, in bf16 and through float32 at each probed length up
+    to `max_length` (well under a second for SmolLM2's heads); float32 below the first length where bf16 wins."""
+    import torch
+
+    lengths = [n for n in ATTENTION_LENGTHS if n <= max_length] or [ATTENTION_LENGTHS[0]]
+    seconds = {}
+    with torch.random.fork_rng():
+        for length in lengths:
+            seconds[length] = {name: _best_of(_attention_step(name, length, heads, kv_heads, head_dim))
+                               for name in QUANTIZED_CANDIDATES}
+    bf16_from = next((n for n in lengths if choose(seconds[n]) == "bfloat16"), None)
+    return AttentionPath(max_length + 1 if bf16_from is None else bf16_from if bf16_from > lengths[0] else 0, seconds)
+
+
+def attention_path(spec, device: str, config) -> AttentionPath | None:
+    """The attention path of a plain LoRA job whose base computes in bf16 on this CPU (bf16 weights or autocast);
+    None where attention is not in bf16 there (float32, 4-bit layers over a float32 base) or on a GPU."""
+    if device != "cpu" or spec.quantization != "none" or compute_path(spec, device).choice == "float32":
+        return None
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return measured_attention_path(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                                   spec.max_seq_length)
 
 
 def compute_path(spec, device: str) -> ComputePath:

@@ -25,7 +25,7 @@ from worker.training.artifacts import (
 )
 from worker.training.attention import use_packed_attention
 from worker.training.best import adopt_best_checkpoint, cooldown_of, report_selection
-from worker.training.compute import compute_path
+from worker.training.compute import attention_path, compute_path
 from worker.training.data import (
     with_boundaries,
     TokenizedData,
@@ -274,8 +274,11 @@ def train(
 
     set_seed(spec.seed)  # the adapter's initial weights
     base = load_base_model(spec, models_dir, device, gradient_checkpointing)
-    if spec.packing:
-        use_packed_attention(base)  # attention per packed example, not over a dense (ΣL)² mask (attention.py)
+    compute = compute_description(spec, device)
+    attention = attention_path(spec, device, base.config) if spec.packing else None
+    # attention per packed example, not over a dense (ΣL)² mask (attention.py)
+    if spec.packing and use_packed_attention(base, attention.fp32_below if attention else 0) and attention:
+        compute = f"{compute}; {attention.description()}"
     model = attach_adapter(base, spec)
     parameters = parameter_counts(model)
     if hooks.on_parameters:
@@ -287,7 +290,7 @@ def train(
                             out_dir / "checkpoints", device, callback, valid_rows=valid_data.rows)
     hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
-                f"{compute_description(spec, device)}.")
+                f"{compute}.")
     if resume_from is not None and resume_best is not None:
         adopt_best_checkpoint(resume_from, resume_best, out_dir / "checkpoints")
     train_seconds = run_training(trainer, spec, resume_from)
@@ -341,7 +344,7 @@ def train(
         chat_template=tokenizer.lorajobs_chat_template,
         base_provenance=base_provenance(models_dir, spec.model),
         library_versions=library_versions(),
-        compute=compute_description(spec, device),
+        compute=compute,
     )
     write_model_card(adapter_dir, spec.model_dump(mode="json"), result)
     hooks.event("info", f"Training {status} after {result.steps} steps.")

@@ -8,9 +8,12 @@ from worker.training.compute import (
     MIN_GAIN,
     PLAIN_CANDIDATES,
     QUANTIZED_CANDIDATES,
+    AttentionPath,
     ComputePath,
+    attention_path,
     choose,
     compute_path,
+    measured_attention_path,
     measured_cpu_path,
 )
 
@@ -66,3 +69,32 @@ def test_descriptions_say_what_runs_in_which_dtype():
     assert ComputePath("cpu", False, "bf16-autocast", "setting").description().startswith("base in float32, bf16 autocast")
     assert ComputePath("cuda", True, "bfloat16", "rule").description() == (
         "matmuls of the 4-bit layers in bfloat16 (rule for cuda: bf16 where supported)")
+
+
+def test_the_attention_probe_keeps_float32_up_to_the_first_length_where_bf16_is_clearly_faster():
+    path = measured_attention_path(4, 2, 16, 300)
+    assert sorted(path.seconds) == [64, 128, 256]  # the probed lengths up to the spec's limit
+    choices = [choose(path.seconds[n]) for n in sorted(path.seconds)]
+    first_bf16 = next((n for n, c in zip(sorted(path.seconds), choices) if c == "bfloat16"), None)
+    assert path.fp32_below == (301 if first_bf16 is None else 0 if first_bf16 == 64 else first_bf16)
+    assert "64 tokens: float32 " in path.description() and "256 tokens" in path.description()
+
+
+def test_attention_descriptions_say_which_examples_attend_in_float32():
+    timings = {64: {"float32": 0.001, "bfloat16": 0.002}, 1024: {"float32": 0.05, "bfloat16": 0.03}}
+    assert AttentionPath(1024, timings).description().startswith("attention in float32 for examples under 1024 tokens")
+    assert "for every example" in AttentionPath(2049, timings).description()
+    assert "for no example" in AttentionPath(0, timings).description()
+
+
+def test_only_a_plain_lora_job_computing_in_bf16_on_the_cpu_probes_its_attention(cpu_compute):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    cpu_compute("float32")
+    assert attention_path(tiny_spec(quantization="none"), "cpu", config) is None
+    cpu_compute("bfloat16")
+    assert attention_path(tiny_spec(quantization="nf4"), "cpu", config) is None  # its hidden states are float32
+    assert attention_path(tiny_spec(quantization="none"), "cuda", config) is None
+    path = attention_path(tiny_spec(quantization="none", max_seq_length=128), "cpu", config)
+    assert path == measured_attention_path(4, 2, 16, 128) and sorted(path.seconds) == [64, 128]

@@ -66,3 +66,42 @@ def test_an_example_longer_than_the_sliding_window_is_windowed():
         reference.append(torch.nn.functional.scaled_dot_product_attention(
             q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask).transpose(1, 2))
     torch.testing.assert_close(out, torch.cat(reference, dim=1))
+
+
+class _SdpaCalls(torch.overrides.TorchFunctionMode):
+    """Records the dtype and length of every query that reaches PyTorch's SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((str(args[0].dtype), args[0].shape[-2]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_a_bf16_model_attends_in_float32_in_examples_shorter_than_its_measured_limit(family_catalogue, family):
+    """The examples under `fp32_below` tokens attend in float32, the others in bf16, and the loss is the same."""
+    model_id = f"{FAMILY_ORG}/{family}"
+    tokenizer = load_tokenizer(model_id, family_catalogue)
+    spec = tiny_spec(model=model_id, lora={"r": 4, "dropout": 0.0, "target_modules": "all-linear"})
+    torch.manual_seed(0)
+    model = attach_adapter(load_base_model(spec, family_catalogue, "cpu").to(torch.bfloat16), spec)
+    rows = sample_rows(tokenizer)
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    assert lengths[0] < lengths[-1]
+    from worker.training.attention import FP32_BELOW, use_packed_attention
+
+    assert use_packed_attention(model.get_base_model(), fp32_below=0)
+    collator = training_collator(make_collator(True, tokenizer), model)
+    results = {}
+    for limit in (0, lengths[-1], 10_000):  # none, all but the longest, every example
+        setattr(model.config, FP32_BELOW, limit)
+        with _SdpaCalls() as sdpa:
+            results[limit] = loss_and_grads(model, collator([dict(r) for r in rows]))
+        expected = [(str(torch.float32 if n < limit else torch.bfloat16), n) for n in lengths]
+        assert sorted(sdpa.calls) == sorted(expected * model.config.num_hidden_layers)
+    for limit in (lengths[-1], 10_000):
+        assert results[limit][0] == pytest.approx(results[0][0], rel=2e-2)

@@ -239,6 +239,26 @@ def test_quantization_auto_trains_over_the_16_bit_base_where_this_machine_holds_
     assert "4-bit" not in (result.adapter_dir / "README.md").read_text()
 
 
+def test_a_bf16_run_says_where_it_attends_in_float32_in_its_events_and_model_card(models_dir, chat_files, tmp_path,
+                                                                                  monkeypatch):
+    from core.settings import get_settings
+
+    monkeypatch.setenv("LORAJOBS_CPU_COMPUTE", "bfloat16")  # the base in bf16 weights, as the probe chooses on some CPUs
+    get_settings.cache_clear()
+    try:
+        recorder = Recorder()
+        result = train(tiny_spec(n_epochs=1), chat_files[0], None, tmp_path, recorder.hooks(), models_dir=models_dir)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert result.status == "succeeded"
+    started = [message for _, message in recorder.events if message.startswith("Training ")]
+    assert "base and compute in bfloat16 (as LORAJOBS_CPU_COMPUTE asks); attention in float32 for " in started[0]
+    assert "64 tokens: float32 " in started[0]
+    assert f"Compute: {result.compute}." in (result.adapter_dir / "README.md").read_text()
+    assert "attention in float32 for" in result.compute
+
+
 def test_examples_without_a_trained_token_are_dropped_and_counted(models_dir, tmp_path):
     untrained = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey", "weight": 0}]}
     data = write_jsonl(tmp_path / "train.jsonl", retail_chat_records(8) + [untrained] * 3)
