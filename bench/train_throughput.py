@@ -196,7 +196,7 @@ def run_core(args, spec, data: Path, with_eval: bool) -> dict:
         served = PeftModel.from_pretrained(_fp32_base(spec, args), result.adapter_dir)
         loss = _served_loss(served, spec, load_tokenizer(spec.model, args.models_dir), data)
     return {"real_tokens": result.trained_tokens, "seconds": result.train_seconds, "steps": result.steps,
-            "peak_rss_mb": peak, "final_eval_loss": loss}
+            "peak_rss_mb": peak, "final_eval_loss": loss, "compute": result.compute}
 
 
 def final_save(spec) -> dict:
@@ -321,6 +321,7 @@ def child_main(args, child: str, compute: str, with_eval: bool, conn) -> None:
 
 def machine_facts(args) -> dict:
     import torch
+    from transformers import AutoConfig
 
     cpu, flags = platform.processor(), []
     try:
@@ -330,14 +331,19 @@ def machine_facts(args) -> dict:
         flags = sorted(f for f in all_flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
     except OSError:
         pass
-    from worker.training.compute import compute_path
+    from worker.training.compute import attention_path, compute_path
+    from worker.catalogue import model_source
 
-    paths = {mode: compute_path(spec_for(args, "nf4" if mode == "qlora" else "none"), "cpu")
-             for mode in ("lora", "qlora")}
+    specs = {mode: spec_for(args, "nf4" if mode == "qlora" else "none") for mode in ("lora", "qlora")}
+    paths = {mode: compute_path(spec, "cpu") for mode, spec in specs.items()}
+    config = AutoConfig.from_pretrained(model_source(args.models_dir, specs["lora"].model))
+    # Each core run probes its attention again in its own process, before its clock starts ("compute" in its run).
+    attention = attention_path(specs["lora"], "cpu", config)
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "compute_path": {mode: path.description() for mode, path in paths.items()},
-            "compute_choice": {mode: path.choice for mode, path in paths.items()}}
+            "compute_choice": {mode: path.choice for mode, path in paths.items()},
+            "attention_path": {"lora": attention.description() if attention else None}}
 
 
 def busy_cpu_seconds() -> float:

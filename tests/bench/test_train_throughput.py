@@ -60,6 +60,9 @@ def test_one_round_runs_every_variant_and_the_core_trains_exactly_the_baseline_s
     results = json.loads(out.read_text())
     assert results["partial"] is False and results["machine"]["compute_choice"]["lora"] in (
         "float32", "bf16-autocast", "bfloat16")
+    attention = results["machine"]["attention_path"]["lora"]  # only where the base computes in bf16
+    assert (attention is None) is (results["machine"]["compute_choice"]["lora"] == "float32")
+    assert results["runs"]["demo:lora:core"][0]["compute"].startswith(results["machine"]["compute_path"]["lora"])
     variants = results["summary"]["demo"]["lora"]
     assert set(variants) == {"core", "b1", "c2"} and all(v["runs"] == 1 for v in variants.values())
     core, b1 = variants["core"], variants["b1"]
