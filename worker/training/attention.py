@@ -16,6 +16,7 @@ hand keyword arguments down to its attention layers never sees the boundaries an
 only not faster. Loss and gradients equal the dense-mask ones (tests/worker/training/test_packed_attention.py).
 """
 
+import contextlib
 import functools
 
 PACKED_SDPA = "lorajobs_packed_sdpa"
@@ -50,15 +51,11 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         length = end - start
         mask = _window_mask(length, window, query.device) if window and length > window else None
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if length < fp32_below:
-            with torch.autocast(query.device.type, enabled=False):
-                out, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, dropout=dropout,
-                                                scaling=scaling, is_causal=mask is None, **rest)
-            out = out.to(query.dtype)
-        else:
-            out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
-                                            is_causal=mask is None, **rest)
-        outputs.append(out)
+        upcast = length < fp32_below
+        with torch.autocast(query.device.type, enabled=False) if upcast else contextlib.nullcontext():
+            out, _ = sdpa_attention_forward(module, *((t.float() for t in (q, k, v)) if upcast else (q, k, v)), mask,
+                                            dropout=dropout, scaling=scaling, is_causal=mask is None, **rest)
+        outputs.append(out.to(query.dtype))  # a no-op where it did not upcast
     return torch.cat(outputs, dim=1), None
 
 
@@ -73,15 +70,19 @@ def register() -> str:
     return PACKED_SDPA
 
 
-def use_packed_attention(model, fp32_below: int = 0) -> bool:
-    """Switch a text model that runs transformers' SDPA to `packed_sdpa`; leave every other model as it is.
-    `fp32_below`: a bf16 model's examples shorter than this attend in float32 (`AttentionPath`)."""
+def use_packed_attention(model) -> bool:
+    """Switch a text model that runs transformers' SDPA to `packed_sdpa`; leave every other model as it is."""
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa" or config.sub_configs:
         return False
     model.set_attn_implementation(register())
-    setattr(config, FP32_BELOW, fp32_below)
+    attend_in_float32_below(model, 0)
     return config._attn_implementation == PACKED_SDPA
+
+
+def attend_in_float32_below(model, length: int) -> None:
+    """A bf16 model's packed examples shorter than `length` attend in float32 (compute.py `AttentionPath`)."""
+    setattr(model.config, FP32_BELOW, length)
 
 
 def add_boundaries(batch: dict) -> dict:

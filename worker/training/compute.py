@@ -28,6 +28,7 @@ ATTENTION_LENGTHS = (64, 128, 256, 512, 1024)  # example lengths the attention p
 
 PLAIN_CANDIDATES = ("float32", "bf16-autocast", "bfloat16")
 QUANTIZED_CANDIDATES = ("float32", "bfloat16")
+ATTENTION_CANDIDATES = ("float32", "bfloat16")  # bf16 inputs, attended as they are or through float32
 
 
 @dataclass(frozen=True)
@@ -168,9 +169,11 @@ def measured_attention_path(heads: int, kv_heads: int, head_dim: int, max_length
     with torch.random.fork_rng():
         for length in lengths:
             seconds[length] = {name: _best_of(_attention_step(name, length, heads, kv_heads, head_dim))
-                               for name in QUANTIZED_CANDIDATES}
+                               for name in ATTENTION_CANDIDATES}
     bf16_from = next((n for n in lengths if choose(seconds[n]) == "bfloat16"), None)
-    return AttentionPath(max_length + 1 if bf16_from is None else bf16_from if bf16_from > lengths[0] else 0, seconds)
+    if bf16_from is None:  # float32 at every probed length: every example
+        return AttentionPath(max_length + 1, seconds)
+    return AttentionPath(0 if bf16_from == lengths[0] else bf16_from, seconds)
 
 
 def attention_path(spec, device: str, config) -> AttentionPath | None:

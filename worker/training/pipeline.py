@@ -23,7 +23,7 @@ from worker.training.artifacts import (
     write_model_card,
     write_training_log,
 )
-from worker.training.attention import use_packed_attention
+from worker.training.attention import attend_in_float32_below, use_packed_attention
 from worker.training.best import adopt_best_checkpoint, cooldown_of, report_selection
 from worker.training.compute import attention_path, compute_path
 from worker.training.data import (
@@ -275,10 +275,11 @@ def train(
     set_seed(spec.seed)  # the adapter's initial weights
     base = load_base_model(spec, models_dir, device, gradient_checkpointing)
     compute = compute_description(spec, device)
-    attention = attention_path(spec, device, base.config) if spec.packing else None
-    # attention per packed example, not over a dense (ΣL)² mask (attention.py)
-    if spec.packing and use_packed_attention(base, attention.fp32_below if attention else 0) and attention:
-        compute = f"{compute}; {attention.description()}"
+    if spec.packing and use_packed_attention(base):  # attention per packed example, not over a dense (ΣL)² mask
+        attention = attention_path(spec, device, base.config)  # probed only where attention computes in bf16
+        if attention:
+            attend_in_float32_below(base, attention.fp32_below)
+            compute = f"{compute}; {attention.description()}"
     model = attach_adapter(base, spec)
     parameters = parameter_counts(model)
     if hooks.on_parameters:

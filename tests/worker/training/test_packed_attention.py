@@ -92,13 +92,13 @@ def test_a_bf16_model_attends_in_float32_in_examples_shorter_than_its_measured_l
     rows = sample_rows(tokenizer)
     lengths = sorted(len(r["input_ids"]) for r in rows)
     assert lengths[0] < lengths[-1]
-    from worker.training.attention import FP32_BELOW, use_packed_attention
+    from worker.training.attention import attend_in_float32_below, use_packed_attention
 
-    assert use_packed_attention(model.get_base_model(), fp32_below=0)
+    assert use_packed_attention(model.get_base_model())
     collator = training_collator(make_collator(True, tokenizer), model)
     results = {}
     for limit in (0, lengths[-1], 10_000):  # none, all but the longest, every example
-        setattr(model.config, FP32_BELOW, limit)
+        attend_in_float32_below(model.get_base_model(), limit)
         with _SdpaCalls() as sdpa:
             results[limit] = loss_and_grads(model, collator([dict(r) for r in rows]))
         expected = [(str(torch.float32 if n < limit else torch.bfloat16), n) for n in lengths]
