@@ -21,7 +21,10 @@ Two datasets: the demo (rows of 64–92 tokens; 64 of them by default) and a lon
 bench/longtail_dataset.py, about 70 to 1,000 tokens), where padding costs most. The JSON written to --json holds every run, the medians with min–max
 spread, ratios of the core against each baseline, and the machine (CPU model and flags, threads, torch version,
 load average, and the CPU time other processes took during the run); the run warns when that was more than a
-quarter of a core: the figures then measure the contention, not the code.
+quarter of a core: the figures then measure the contention, not the code. Around every run the parent also times a
+fixed float32 matmul workload (`machine_speed`) and reads the hypervisor's steal time: on a shared VM the machine
+itself speeds up and slows down between runs, and the report sets each variant's spread beside the machine's own
+over the same runs, with the core's ratio to the best baseline round by round (both ran under the same conditions).
 
     .venv/bin/python bench/train_throughput.py --json test-output/train_throughput.json
 """
@@ -55,6 +58,7 @@ DATASETS = ("demo", "longtail")
 DEFAULT_EXAMPLES = {"demo": 64, "longtail": 16}
 SLOW_BASELINE = 0.75  # a baseline below this share of round 1's fastest cannot be the best: it runs once
 BUSY_OTHER_CORES = 0.25  # other processes' average CPU use (in cores) above which the figures are flagged
+SPEED_MATRIX, SPEED_PRODUCTS = 768, 80  # machine_speed's workload: about half a second on 2 Zen 5 cores
 
 
 def examples_per_dataset(text: str) -> dict[str, int]:
@@ -353,6 +357,41 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this VM's CPUs were runnable (0 on bare metal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return int(fields[7]) / os.sysconf("SC_CLK_TCK") if len(fields) > 7 else 0.0
+
+
+def machine_speed() -> float:
+    """GFLOP/s of a fixed float32 matmul workload on torch's threads, as the training runs use them.
+
+    Timed in the parent right before and right after every run: a training run is mostly matmuls, so this moves as
+    the shared machine's speed moves (noisy neighbours, steal, clock), independently of the code under test.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(SPEED_MATRIX, SPEED_MATRIX, generator=generator) for _ in range(2))
+    a @ b  # warm
+    start = time.perf_counter()
+    for _ in range(SPEED_PRODUCTS):
+        a = torch.tanh(a @ b)  # dependent products: no two can overlap or be skipped
+    seconds = time.perf_counter() - start
+    return 2 * SPEED_MATRIX ** 3 * SPEED_PRODUCTS / seconds / 1e9
+
+
+def measured_run(context, child: str, args, compute: str, with_eval: bool, round_no: int) -> dict:
+    """run_child with the machine's speed before and after, and the share of the run's CPU time stolen from it."""
+    before, steal, start = machine_speed(), steal_seconds(), time.monotonic()
+    report = run_child(context, child, args, compute, with_eval)
+    stolen, wall = steal_seconds() - steal, time.monotonic() - start
+    after = machine_speed()
+    return {**report, "round": round_no + 1, "machine_gflops": (before + after) / 2,
+            "machine_gflops_before_after": [before, after],
+            "steal_percent": 100 * stolen / (wall * (os.cpu_count() or 1))}
+
+
 def own_cpu_seconds() -> float:
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(u.ru_utime + u.ru_stime for u in usage)
@@ -401,16 +440,38 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Per (dataset, mode, variant): tokens/s median/min/max, peak RSS and eval loss medians, ratios to baselines."""
+    """Per (dataset, mode, variant): tokens/s median/min/max, peak RSS and eval loss medians, ratios to baselines.
+
+    Where the runs carry the machine's speed (`measured_run`), also that speed's own spread over the same runs, and
+    tokens/s rescaled to the machine's median speed over the whole benchmark: how much of a variant's spread was the
+    machine. Where they carry their round, the core's ratio to the best baseline in each round both ran."""
     summary: dict = {}
+    speeds = [r["machine_gflops"] for rs in runs.values() for r in rs if "machine_gflops" in r]
+    reference = statistics.median(speeds) if speeds else None
     for key, rs in runs.items():
         dataset, mode, variant = key.split(":")
-        summary.setdefault(dataset, {}).setdefault(mode, {})[variant] = {
+        row = summary.setdefault(dataset, {}).setdefault(mode, {})[variant] = {
             "tokens_per_second": spread([r["tokens_per_second"] for r in rs]),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
             # training is seeded and deterministic: the loss is measured once, in a variant's first run
             "final_eval_loss": next((r["final_eval_loss"] for r in rs if r["final_eval_loss"] is not None), None),
             "real_tokens": rs[0]["real_tokens"], "steps": rs[0]["steps"], "runs": len(rs)}
+        if reference and all("machine_gflops" in r for r in rs):
+            row["machine_gflops"] = spread([r["machine_gflops"] for r in rs])
+            row["tokens_per_second_at_median_machine_speed"] = spread(
+                [r["tokens_per_second"] * reference / r["machine_gflops"] for r in rs])
+            row["steal_percent_max"] = max(r["steal_percent"] for r in rs)
+    for dataset, modes in summary.items():
+        for mode, variants in modes.items():
+            core = variants.get("core")
+            best = max((v for v in BASELINES if v in variants), default=None,
+                       key=lambda v: variants[v]["tokens_per_second"]["median"])
+            if not (core and best):
+                continue
+            by_round = {r["round"]: r["tokens_per_second"] for r in runs[f"{dataset}:{mode}:{best}"] if "round" in r}
+            core["vs_best_baseline_by_round"] = [
+                r["tokens_per_second"] / by_round[r["round"]] for r in runs[f"{dataset}:{mode}:core"]
+                if r.get("round") in by_round]
     for modes in summary.values():
         for variants in modes.values():
             core = variants.get("core")
@@ -450,6 +511,14 @@ def print_report(args, summary: dict, load: dict, wall: float) -> None:
                       f"core spread {core['tokens_per_second']['spread_percent']:.0f}% (goal < 10%)"
                       + (f"; eval loss vs b1 {core['eval_loss_vs_b1_percent']:+.2f}% (goal within 1%)"
                          if "eval_loss_vs_b1_percent" in core else ""))
+                if core.get("vs_best_baseline_by_round"):
+                    print(f"core / {core['best_baseline']} in the same round: "
+                          + ", ".join(f"{r:.2f}x" for r in core["vs_best_baseline_by_round"]))
+                if "machine_gflops" in core:
+                    print(f"the machine's own speed over the core's runs: spread "
+                          f"{core['machine_gflops']['spread_percent']:.0f}% (steal up to {core['steal_percent_max']:.0f}%); "
+                          f"the core's tokens/s rescaled to the machine's median speed: spread "
+                          f"{core['tokens_per_second_at_median_machine_speed']['spread_percent']:.0f}%")
     print(f"\n{wall / 60:.1f} minutes; load average: {load['before'][0]:.2f} before, {load['after'][0]:.2f} after ({load['cores']} cores); "
           f"other processes used {load['other_processes_cores']:.2f} cores on average during the run")
     if load["busy"]:
@@ -496,12 +565,14 @@ def main(argv=None) -> None:
                     continue
                 dataset, mode, variant = key.split(":")
                 compute = machine["compute_choice"][mode]
-                runs[key].append(run_child(context, f"{variant}:{mode}:{dataset}", args, compute, not runs[key]))
+                runs[key].append(measured_run(context, f"{variant}:{mode}:{dataset}", args, compute, not runs[key],
+                                              round_no))
                 r = runs[key][-1]
                 children_cpu += r["cpu_seconds"]
                 loss = "" if r["final_eval_loss"] is None else f", eval loss {r['final_eval_loss']:.4f}"
                 print(f"round {round_no + 1} {key}: {r['tokens_per_second']:.1f} tok/s{loss}, "
-                      f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+                      f"peak {r['peak_rss_mb']:.0f} MB; machine {r['machine_gflops']:.0f} GFLOP/s, "
+                      f"steal {r['steal_percent']:.1f}%", flush=True)
                 if args.json:  # after every run: an interrupted benchmark still leaves what it measured
                     write_json(args, {"partial": True, "machine": machine, "runs": runs})
             if round_no == 0 and not args.every_round and args.rounds > 1:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench.longtail_dataset import write
-from bench.train_throughput import slow_baselines, summarize
+from bench.train_throughput import machine_speed, slow_baselines, spread, steal_seconds, summarize
 
 
 def test_the_long_tailed_dataset_is_reproducible_and_long_tailed(tmp_path):
@@ -33,6 +33,29 @@ def test_the_core_is_compared_with_the_fastest_baseline_by_medians():
     assert core["best_baseline"] == "c2" and core["vs_best_baseline"] == 310 / 240
     assert core["ratios"]["b1"] == 310 / 100 and core["ratios"]["b2"] == 0.31
     assert round(core["eval_loss_vs_b1_percent"], 6) == round(100 * (2.0 / 2.02 - 1), 6)
+
+
+def test_the_machine_s_own_drift_is_set_beside_each_variant_s_spread():
+    """A shared VM slows down between rounds: its speed, timed around each run, says how much of a spread it was."""
+    def measured(tps: float, gflops: float, round_no: int) -> dict:
+        return {**_run(tps), "machine_gflops": gflops, "round": round_no, "steal_percent": 2.0 * round_no}
+
+    runs = {"demo:lora:core": [measured(200, 100, 1), measured(300, 150, 2), measured(310, 150, 3)],
+            "demo:lora:b1": [measured(100, 100, 1), measured(150, 150, 2), measured(100, 100, 3)],
+            "demo:lora:c1": [measured(40, 100, 1)]}  # ran once: no round beside the core's but the first
+    core = summarize(runs)["demo"]["lora"]["core"]
+    assert core["best_baseline"] == "b1" and core["vs_best_baseline_by_round"] == [2.0, 2.0, 3.1]
+    assert core["machine_gflops"]["spread_percent"] == 100 * 50 / 150
+    # every run rescaled to the benchmark's median machine speed (100 GFLOP/s over all seven runs)
+    rescaled = core["tokens_per_second_at_median_machine_speed"]
+    assert rescaled == pytest.approx(spread([200.0, 200.0, 310 * 100 / 150]))
+    assert rescaled["spread_percent"] < 4 and core["tokens_per_second"]["spread_percent"] > 30
+    assert core["steal_percent_max"] == 6.0
+    assert "machine_gflops" not in summarize({"demo:lora:core": [_run(1)]})["demo"]["lora"]["core"]
+
+
+def test_the_machine_s_speed_is_a_positive_rate():
+    assert machine_speed() > 0 and steal_seconds() >= 0
 
 
 def test_the_eval_loss_is_taken_from_the_run_that_measured_it():
@@ -69,6 +92,9 @@ def test_one_round_runs_every_variant_and_the_core_trains_exactly_the_baseline_s
     assert core["real_tokens"] == b1["real_tokens"] > 0 and core["steps"] == b1["steps"] == 2
     assert core["final_eval_loss"] == pytest.approx(b1["final_eval_loss"], rel=1e-4)  # same rows, same labels
     assert core["ratios"]["b1"] == core["tokens_per_second"]["median"] / b1["tokens_per_second"]["median"]
+    first = results["runs"]["demo:lora:core"][0]
+    assert first["round"] == 1 and first["machine_gflops"] > 0 and 0 <= first["steal_percent"] <= 100
+    assert core["vs_best_baseline_by_round"] == [core["vs_best_baseline"]]  # one round: the median's ratio
 
 
 def test_examples_are_given_per_dataset_or_for_all():
