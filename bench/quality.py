@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="facts,style,classify", help="of facts, style, classify, demo")
     parser.add_argument("--configs", default="old,new")
     parser.add_argument("--json", type=Path, default=Path("test-output/quality.json"))
-    parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each)")
+    parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each, at most 24)")
     parser.add_argument("--models-dir", type=Path, help="a catalogue already holding SmolLM2 (else converted afresh)")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                         help="another configuration: spec fields as JSON (repeatable; run after --configs)")

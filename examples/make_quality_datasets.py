@@ -20,6 +20,11 @@ from pathlib import Path
 SYSTEM = "You are the Nordvik Outfitters shop assistant."
 NAMES = ["Aurora lantern", "Fjell tent", "Skarv jacket", "Myra boots", "Tind backpack", "Lysning headlamp",
          "Bre sleeping bag", "Elv water filter", "Vidde stove", "Furu hammock", "Storm poncho", "Rim trekking poles"]
+# For --products above 12 (a catalogue of a few hundred chats), drawn after and apart from the first twelve, whose
+# facts, held-out phrasings and order stay those of the runs already recorded.
+MORE_NAMES = ["Kvist camp chair", "Hav dry bag", "Lyng fleece", "Stig trail shoes", "Tjern kayak paddle",
+              "Nebb ice axe", "Dal rain cover", "Sno gaiters", "Fonn snowshoes", "Vang picnic blanket",
+              "Skog bivy sack", "Berg helmet"]
 
 # Per attribute: training phrasings, held-out phrasings (never seen in training) and the one answer form.
 ATTRIBUTES = {
@@ -64,19 +69,32 @@ def _chat(user: str, answer: str) -> dict:
                          {"role": "assistant", "content": answer}]}
 
 
-def catalogue(rng: random.Random) -> list[dict]:
+def _products(rng: random.Random, names: list[str], taken: set[str]) -> list[dict]:
     letters = "BCDFGHKLMNPRSTVXZ"
     products = []
-    for name in NAMES:
+    for name in names:
         code = f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randrange(100, 1000)}"
+        while code in taken:  # never two products under one code
+            code = f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randrange(100, 1000)}"
+        taken.add(code)
         products.append({"name": name, "code": code, "price": rng.randrange(19, 400),
                          "warranty": rng.choice([1, 2, 3, 5, 10]), "weight": rng.randrange(80, 4000, 10)})
     return products
 
 
+def catalogue(rng: random.Random, n_products: int = 12) -> list[dict]:
+    if n_products > len(NAMES) + len(MORE_NAMES):
+        raise ValueError(f"at most {len(NAMES) + len(MORE_NAMES)} products")
+    products = _products(rng, NAMES, set())
+    if n_products > len(NAMES):  # their own generator: the first twelve's draws (and rng's after them) are unchanged
+        more = random.Random(f"more-{products[0]['code']}")
+        products += _products(more, MORE_NAMES, {p["code"] for p in products})
+    return products[:n_products]
+
+
 def facts(rng: random.Random, n_products: int = 12) -> tuple[list[dict], list[dict]]:
     train, valid = [], []
-    for product in catalogue(rng)[:n_products]:
+    for product in catalogue(rng, n_products):
         for train_forms, held_out_forms, answer in ATTRIBUTES.values():
             expected = answer.format(**product)
             train += [_chat(form.format(**product), expected) for form in train_forms]
@@ -119,7 +137,7 @@ DATASETS = {"facts": facts, "style": style, "classify": classify}
 
 
 def write(out: Path, seed: int = 0, products: int = 12) -> dict[str, tuple[Path, Path]]:
-    """Every dataset under `out`; `products` shrinks the facts catalogue (4 facts each) for slow machines."""
+    """Every dataset under `out`; `products` (at most 24, 4 facts each) sizes the facts catalogue."""
     written = {}
     for name, make in DATASETS.items():
         rng = random.Random(f"{seed}-{name}")
@@ -136,7 +154,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each)")
+    parser.add_argument("--products", type=int, default=12, help="products in the facts catalogue (4 facts each, at most 24)")
     args = parser.parse_args()
     for name, (train, valid) in write(args.out, args.seed, args.products).items():
         print(name, sum(1 for _ in open(train)), "training,", sum(1 for _ in open(valid)), "held-out")
