@@ -179,7 +179,7 @@ class CheckpointSection(BaseModel):
         "the job's adapter (lowest loss, highest accuracy); the others stay downloadable.",
     )
     early_stopping_patience: int | None = Field(
-        2, ge=1, description="Stop when the best_checkpoint_metric has not improved for this many checkpoint "
+        4, ge=1, description="Stop when the best_checkpoint_metric has not improved for this many checkpoint "
         "evaluations in a row; null trains every epoch."
     )
     early_stopping_threshold: float = Field(
