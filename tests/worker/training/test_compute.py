@@ -4,6 +4,7 @@ import pytest
 
 from core.settings import get_settings
 from tests.worker.conftest import tiny_spec
+from worker.training import compute
 from worker.training.compute import (
     MIN_GAIN,
     PLAIN_CANDIDATES,
@@ -32,6 +33,26 @@ def test_float32_is_kept_unless_another_path_is_clearly_faster():
     assert choose({"float32": 1.0, "bf16-autocast": 0.9, "bfloat16": 1 / MIN_GAIN + 0.01}) == "float32"
     assert choose({"float32": 1.0, "bf16-autocast": 0.6, "bfloat16": 0.7}) == "bf16-autocast"
     assert choose({"float32": 1.0, "bfloat16": 3.0}) == "float32"
+
+
+def test_a_burst_of_load_from_another_process_slows_every_candidate_alike(monkeypatch):
+    """Two rounds' worth of the probe's calls run 10x slower (another worker probing beside it): timed one block after
+    another, that burst would fall on one candidate's every call; in rotating turns each keeps a quick round."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(compute.time, "perf_counter", lambda: clock[0])
+
+    def step(name):
+        def run():
+            calls.append(name)
+            clock[0] += 10.0 if 7 <= len(calls) <= 12 else 1.0
+        return run
+
+    best = compute._best_times({name: step(name) for name in PLAIN_CANDIDATES}, repeats=5)
+    assert best == dict.fromkeys(PLAIN_CANDIDATES, 1.0)
+    timed = calls[len(PLAIN_CANDIDATES):]  # after one warm-up call each
+    rounds = [timed[i:i + 3] for i in range(0, len(timed), 3)]
+    assert len(rounds) == 5 and all(sorted(r) == sorted(PLAIN_CANDIDATES) for r in rounds)
+    assert len({r[0] for r in rounds}) == 3  # the order rotates: no candidate always goes first
 
 
 @pytest.mark.parametrize("quantized, candidates", [(False, PLAIN_CANDIDATES), (True, QUANTIZED_CANDIDATES)])
