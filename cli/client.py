@@ -61,10 +61,28 @@ def check(response: httpx.Response) -> dict:
     from cli.output import ApiError
 
     if response.is_success:
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(response.status_code, not_the_api(
+                response, f"answered with {response.headers.get('content-type') or 'a body'} instead of JSON")) from None
+    if response.is_redirect:
+        raise ApiError(response.status_code, not_the_api(
+            response, f"redirected to {response.headers.get('location', '?')}"))
     try:
         error = response.json()["error"]
         message = f"{response.status_code} {error.get('code') or error.get('type')}: {error['message']}"
     except (ValueError, KeyError, TypeError):
         message = f"HTTP {response.status_code}: {response.text[:500]}"
+    if response.status_code == 404 and "/v1/" not in response.request.url.path:
+        message += f" ({response.request.url.path} is outside the API's /v1; {BASE_URL_HINT})"
     raise ApiError(response.status_code, message)
+
+
+BASE_URL_HINT = "is the base URL (--base-url, LORAJOBS_BASE_URL) the API's, ending in /v1, e.g. http://127.0.0.1:8000/v1?"
+
+
+def not_the_api(response: httpx.Response, what: str) -> str:
+    """A URL that is not one of the API's: most often a base URL without its /v1 (the dashboard redirects)."""
+    return (f"HTTP {response.status_code}: {response.request.url.path} {what}, which the lorajobs API never does; "
+            + BASE_URL_HINT)

@@ -50,6 +50,23 @@ def test_refused_key_and_unknown_job_exit_with_their_codes(stack):
     assert missing_key.returncode == 1 and "LORAJOBS_API_KEY" in missing_key.stderr
 
 
+def test_a_base_url_without_v1_is_named_as_the_likely_mistake(stack, project_key):
+    """The service's root serves the dashboard, which redirects to its login: the CLI says so, not "HTTP 303:"."""
+    for command in (("files", "list"), ("jobs", "list", "--json"), ("jobs", "show", "ftjob-x")):
+        result = bare_lorajobs(*command, "--base-url", stack.url, "--api-key", project_key.key)
+        line = one_line_error(result)
+        assert result.returncode == 1 and result.stdout == "", (command, result.stderr)
+        assert "ending in /v1, e.g. http://127.0.0.1:8000/v1?" in line, line
+    # The dashboard's pages redirect to its login; other paths are the API's own 404 for an unknown URL.
+    files = bare_lorajobs("files", "list", "--base-url", stack.url, "--api-key", project_key.key)
+    assert "HTTP 303: /files redirected to /login" in one_line_error(files)
+    jobs = bare_lorajobs("jobs", "list", "--base-url", stack.url, "--api-key", project_key.key)
+    assert "404 invalid_request_error: Unknown URL" in one_line_error(jobs)
+    assert "/fine_tuning/jobs is outside the API's /v1" in one_line_error(jobs)
+    # With /v1 the same key and command answer.
+    assert bare_lorajobs("jobs", "list", "--base-url", stack.v1, "--api-key", project_key.key).returncode == 0
+
+
 def test_every_remote_command_speaks_json(stack, settings, project_key, tmp_path):
     connection = ("--base-url", stack.v1, "--api-key", project_key.key)
     dataset = tmp_path / "support.jsonl"
