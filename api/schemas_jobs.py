@@ -83,6 +83,16 @@ class QualityFigures(BaseModel):
     fact_recall: float | None = Field(None, description="Share of all key facts stated")
 
 
+class GeneralQuality(BaseModel):
+    """The built-in general questions outside the domain (core/general.py), asked with no system prompt."""
+
+    sample: int
+    answered: int = Field(description="Fewer than the sample when the time budget ran out")
+    seconds: float
+    base: QualityFigures
+    tuned: QualityFigures
+
+
 class Quality(BaseModel):
     """Greedy answers of the base and the tuned model to a fixed sample of held-out prompts
     (`GET /v1/fine_tuning/jobs/{id}/answers`)."""
@@ -93,6 +103,10 @@ class Quality(BaseModel):
     seconds: float
     base: QualityFigures
     tuned: QualityFigures
+    general: GeneralQuality | None = Field(
+        None, description="The same figures on the spec's general_samples built-in general questions: whether "
+        "answering outside the domain survived the tuning")
+    general_skipped: str | None = Field(None, description="Why the general questions were not asked, if they were not")
 
 
 class DeliveredCheckpoint(BaseModel):
@@ -181,6 +195,8 @@ class AnswerObject(BaseModel):
     tuned: str
     base_score: dict[str, Any]
     tuned_score: dict[str, Any]
+    part: Literal["held_out", "general"] = Field(
+        "held_out", description="A held-out prompt of the validation data, or a built-in general question")
 
 
 class CheckpointMetrics(BaseModel):

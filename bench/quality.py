@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from core.general import GENERAL_QUESTIONS  # noqa: E402
 from core.quality import summarize  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
 from examples.make_quality_datasets import GENERAL, write  # noqa: E402
@@ -59,36 +60,6 @@ CONFIGS = {
     "p12-e7-b8": {"quantization": "none", "n_epochs": 7, "batch_size": 8, "learning_rate": 1e-3, "lora": ALL_LINEAR},
 }
 MAX_NEW_TOKENS = 32
-# General questions outside any dataset here, asked as a user of the base would ask them (no system prompt), and
-# answered by the base and by each run's delivered adapter: whether answering outside the domain survives, on more
-# questions than the four each facts validation file carries. Not part of any job's data, so adding them changed no
-# run. Key facts are the numbers and the quoted words (core/quality.py).
-GENERAL_PROBE = [
-    ("What is the capital of France?", 'The capital of France is "Paris".'),
-    ("What is the capital of Japan?", 'The capital of Japan is "Tokyo".'),
-    ("How many hours are in a day?", "A day has 24 hours."),
-    ("How many months are in a year?", "A year has 12 months."),
-    ("How many seconds are in a minute?", "A minute has 60 seconds."),
-    ("How many days are in a leap year?", "A leap year has 366 days."),
-    ("What is 5 times 6?", "5 times 6 is 30."),
-    ("What is 100 minus 30?", "100 minus 30 is 70."),
-    ("What is 8 plus 5?", "8 plus 5 is 13."),
-    ("What is half of 50?", "Half of 50 is 25."),
-    ("How many sides does a triangle have?", "A triangle has 3 sides."),
-    ("How many wheels does a bicycle have?", "A bicycle has 2 wheels."),
-    ("How many letters are in the English alphabet?", "The English alphabet has 26 letters."),
-    ("How many continents are there?", "There are 7 continents."),
-    ("At what temperature in Celsius does water boil at sea level?", "Water boils at 100 degrees Celsius."),
-    ("What is the largest planet in our solar system?", 'The largest planet is "Jupiter".'),
-    ("Which planet do we live on?", 'We live on "Earth".'),
-    ("What color is the sky on a clear day?", 'The sky is "blue" on a clear day.'),
-    ("What colour do you get by mixing blue and yellow?", 'Mixing blue and yellow gives "green".'),
-    ("What is the opposite of hot?", 'The opposite of hot is "cold".'),
-    ("What do bees make?", 'Bees make "honey".'),
-    ("What is frozen water called?", 'Frozen water is called "ice".'),
-    ("Who wrote Romeo and Juliet?", 'Romeo and Juliet was written by "Shakespeare".'),
-    ("What language is mainly spoken in Spain?", 'The main language of Spain is "Spanish".'),
-]
 # The README's demo catalogue (examples/make_demo_dataset.py): 432 chats about many more facts than `facts`, each in
 # fewer phrasings, and 60 held-out questions phrased differently.
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
@@ -151,7 +122,7 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
         curve_every: int | None = None, seed: int = 0) -> dict:
     from worker.catalogue import SMOLLM2_ID
     from worker.training import TrainingHooks, train
-    from worker.training.answers import HeldOutPrompt, answer_side_by_side, sample_prompts
+    from worker.training.answers import answer_side_by_side, general_prompts, sample_prompts
     from worker.training.data import read_examples
     from worker.training.model import adapter_tokenizer, load_adapter_model
 
@@ -159,7 +130,7 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
     # Keep every epoch's checkpoint (up to the cap) to answer with them: the curve's, and the one a run without
     # early stopping's cooldown would have delivered.
     fields.setdefault("save_total_limit", None)
-    spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=seed, answer_samples=0, **fields)
+    spec = JobSpec(model=SMOLLM2_ID, max_seq_length=256, seed=seed, answer_samples=0, general_samples=0, **fields)
     evaluations = []
 
     def progress(p: dict) -> None:  # a line now and then: runs here take many minutes
@@ -182,8 +153,10 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
     prompts = sample_prompts(read_examples(valid_file), 10_000, seed=0)
     answered = answer_side_by_side(model, tokenizer, prompts, MAX_NEW_TOKENS, budget_seconds=float("inf"))
     seconds = round(time.monotonic() - started, 1)
-    probe = answer_side_by_side(model, tokenizer, [HeldOutPrompt([{"role": "user", "content": q}], a)
-                                                   for q, a in GENERAL_PROBE], MAX_NEW_TOKENS, float("inf"))
+    # Every built-in general question (core/general.py), as jobs ask their first `general_samples`: whether
+    # answering outside the domain survives, on more questions than the four each facts validation file carries.
+    probe = answer_side_by_side(model, tokenizer, general_prompts(len(GENERAL_QUESTIONS)), MAX_NEW_TOKENS,
+                                float("inf"))
     curve = None
     if curve_every:
         checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

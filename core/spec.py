@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from core.general import GENERAL_QUESTIONS
+
 TargetPreset = Literal["attention-qv", "attention", "all-linear"]
 
 BASE_LEARNING_RATE = 2e-4  # the QLoRA paper's rate for 7B-13B models, at a batch of 8 and a model 4,096 wide
@@ -198,6 +200,12 @@ class CheckpointSection(BaseModel):
     )
     answer_max_new_tokens: int = Field(
         128, ge=1, le=1024, description="Longest answer generated for each of those prompts, in tokens."
+    )
+    general_samples: int = Field(
+        8, ge=0, le=len(GENERAL_QUESTIONS), description="Built-in general questions outside the domain (arithmetic, "
+        "places, science: core/general.py), asked with no system prompt of the base and the tuned model after the "
+        "held-out sample, in the same time budget: whether general answering survived the tuning. Chat data only; "
+        "0 skips them."
     )
 
 

@@ -7,7 +7,9 @@ import re
 import tarfile
 
 import httpx
+from markupsafe import escape
 
+from core.general import GENERAL_QUESTIONS
 from tests.conftest import make_project_key
 from tests.e2e.jobs_helpers import all_events, create_job, processed_file, support_dataset, wait_status
 
@@ -70,13 +72,19 @@ def test_a_job_with_a_validation_file_shows_answers_exact_match_and_delivers_its
     assert quality["tuned"]["answers"] == 4 and quality["tuned"]["exact_match"] == 0.0
     assert quality["tuned"]["answers_with_facts"] == 4  # every expected answer names a price
     answers = http.get(f"fine_tuning/jobs/{job.id}/answers").json()
-    assert answers["object"] == "list" and len(answers["data"]) == 4
+    assert answers["object"] == "list" and [a["part"] for a in answers["data"]] == ["held_out"] * 4 + ["general"] * 8
     first = answers["data"][0]
     assert first["object"] == "fine_tuning.job.answer" and first["expected"].startswith("The ")
+    # Then the default 8 built-in general questions, which show the drift outside the domain too.
+    general = answers["data"][4:]
+    assert [(a["prompt"], a["expected"]) for a in general] == GENERAL_QUESTIONS[:8]
+    assert all(a["base"] != a["tuned"] for a in general) and any("order order" in a["tuned"] for a in general)
+    assert quality["general"]["answered"] == 8 and quality["general"]["tuned"]["key_facts"] == 0.0
     assert first["prompt"].endswith("?") and first["base"] != first["tuned"]
     [figures] = [e.data for e in events if e.type == "metrics" and "exact_match" in e.data]
     assert figures["step"] == 2 and figures["exact_match"] == quality["tuned"]["exact_match"]
-    assert any(m.startswith("Answers to 4 held-out prompts: exact match") for m in messages)
+    assert any(m.startswith("Answers to 4 held-out prompts: exact match") and "General questions outside the domain "
+               "(8, built in): all key facts stated" in m for m in messages)
     assert best.metrics.exact_match == quality["tuned"]["exact_match"]
     assert best.metrics.key_facts == quality["tuned"]["key_facts"]
 
@@ -91,6 +99,8 @@ def test_a_job_with_a_validation_file_shows_answers_exact_match_and_delivers_its
     assert "the last step was 8 (early stopping, then the learning rate cooled to 0 from the weights of step 2)" in page
     assert first["expected"] in page and "Exact match (base → tuned)" in page
     assert "exact_match <b>" in page  # on the delivered checkpoint's row
+    assert "Outside the domain" in page and "General questions, all key facts" in page
+    assert str(escape(GENERAL_QUESTIONS[0][1])) in page  # as Jinja escapes it
 
 
 def test_answers_of_another_projects_job_are_not_found(openai_client, stack, settings):

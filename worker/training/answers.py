@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from core.datasets.formats import Example
+from core.general import GENERAL_QUESTIONS
 from core.quality import score_answer, summarize
 from worker.training.data import end_of_turn_tokens, render_chat
 from worker.training.hooks import TrainingHooks
@@ -78,6 +79,11 @@ def _printable(text: str) -> str:
     return _CONTROL.sub("", text).strip()
 
 
+def general_prompts(n: int) -> list[HeldOutPrompt]:
+    """The first `n` built-in general questions (core/general.py), asked with no system prompt."""
+    return [HeldOutPrompt([{"role": "user", "content": question}], answer) for question, answer in GENERAL_QUESTIONS[:n]]
+
+
 def answer_side_by_side(model, tokenizer, prompts: list[HeldOutPrompt], max_new_tokens: int,
                         budget_seconds: float) -> dict:
     """Base (adapter disabled) and tuned answers for each prompt, scored, with the figures over the sample.
@@ -116,10 +122,18 @@ def quality_message(quality: dict) -> str:
         return "n/a" if value is None else f"{round(value * figures[count])}/{figures[count]}"
 
     base, tuned = quality["base"], quality["tuned"]
-    return (f"Answers to {quality['answered']} held-out prompts: exact match {share(base, 'exact_match', 'answers')} "
+    line = (f"Answers to {quality['answered']} held-out prompts: exact match {share(base, 'exact_match', 'answers')} "
             f"→ {share(tuned, 'exact_match', 'answers')}; all key facts stated "
             f"{share(base, 'key_facts', 'answers_with_facts')} → {share(tuned, 'key_facts', 'answers_with_facts')} "
             f"(base → tuned, {quality['seconds']:.0f} s).")
+    general = quality.get("general")
+    if general:
+        line += (f" General questions outside the domain ({general['answered']}, built in): all key facts stated "
+                 f"{share(general['base'], 'key_facts', 'answers_with_facts')} → "
+                 f"{share(general['tuned'], 'key_facts', 'answers_with_facts')}.")
+    elif quality.get("general_skipped"):
+        line += f" General questions skipped: {quality['general_skipped']}."
+    return line
 
 
 def answerer(spec, tokenizer, valid_examples: list[Example], train_seconds: float, hooks: TrainingHooks):
@@ -128,17 +142,37 @@ def answerer(spec, tokenizer, valid_examples: list[Example], train_seconds: floa
     if not prompts:
         return None
     return partial(_answer_or_warn, hooks=hooks, tokenizer=tokenizer, prompts=prompts,
-                   max_new_tokens=spec.answer_max_new_tokens, budget_seconds=answer_budget_seconds(train_seconds))
+                   general=general_prompts(spec.general_samples), max_new_tokens=spec.answer_max_new_tokens,
+                   budget_seconds=answer_budget_seconds(train_seconds))
 
 
-def _answer_or_warn(model, *, hooks: TrainingHooks, **kwargs) -> dict | None:
+def _answer_or_warn(model, *, hooks: TrainingHooks, general: list[HeldOutPrompt], **kwargs) -> dict | None:
     """The answers report on a trained adapter; failing to generate them (an architecture's `generate`, GPU memory)
     is a warning, never a failed job nor an out-of-memory retry of its training."""
     try:
-        return answer_side_by_side(model, **kwargs)
+        answered = answer_side_by_side(model, **kwargs)
+        for row in answered["answers"]:
+            row["part"] = "held_out"
+        if general:
+            _answer_general(model, answered, general, **kwargs)
+        return answered
     except Exception as exc:
         hooks.event("warn", f"Answers to held-out prompts were skipped: {type(exc).__name__}: {exc}"[:500])
         return None
+
+
+def _answer_general(model, answered: dict, general: list[HeldOutPrompt], *, tokenizer, prompts, max_new_tokens: int,
+                    budget_seconds: float) -> None:
+    """The built-in general questions after the held-out sample, in what is left of its time budget; their figures
+    go to `quality["general"]` and their rows, marked `part: general`, after the held-out ones."""
+    left = budget_seconds - answered["quality"]["seconds"]
+    if left <= 0:
+        answered["quality"]["general_skipped"] = "the held-out answers spent the time budget"
+        return
+    extra = answer_side_by_side(model, tokenizer, general, max_new_tokens, left)
+    answered["quality"]["general"] = {key: extra["quality"][key] for key in
+                                      ("sample", "answered", "seconds", "base", "tuned")}
+    answered["answers"] += [{**row, "part": "general"} for row in extra["answers"]]
 
 
 def report_answers(quality: dict, step: int, hooks: TrainingHooks) -> None:

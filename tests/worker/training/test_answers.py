@@ -6,11 +6,12 @@ import pytest
 from safetensors.torch import load_file
 
 from core.datasets.formats import Example, Turn
+from core.general import GENERAL_QUESTIONS
 from core.quality import score_answer
 from tests.helpers.tiny_model import retail_chat_records
 from tests.worker.conftest import TINY, tiny_spec, write_jsonl
 from worker.training import TrainingHooks, load_tokenizer, train
-from worker.training.answers import answer_side_by_side, sample_prompts
+from worker.training.answers import _answer_or_warn, answer_side_by_side, general_prompts, quality_message, sample_prompts
 from worker.training.data import read_examples
 from worker.training.model import attach_adapter, load_adapter_model, load_base_model
 
@@ -109,15 +110,54 @@ def test_validation_that_gets_worse_stops_early_and_delivers_the_best_checkpoint
 
 def test_a_job_with_validation_answers_its_sample_with_base_and_tuned(drifting_run):
     result, events, metrics, out = drifting_run
-    assert result.quality["sample"] == result.quality["answered"] == 4 == len(result.answers)
-    assert {"prompt", "expected", "base", "tuned", "base_score", "tuned_score"} <= set(result.answers[0])
-    assert all(row["base"] != row["tuned"] for row in result.answers)  # the adapter changed what it says
+    held_out = [row for row in result.answers if row["part"] == "held_out"]
+    assert result.quality["sample"] == result.quality["answered"] == 4 == len(held_out)
+    assert result.answers[:4] == held_out  # the held-out sample first, then the general questions
+    assert {"prompt", "expected", "base", "tuned", "base_score", "tuned_score"} <= set(held_out[0])
+    assert all(row["base"] != row["tuned"] for row in held_out)  # the adapter changed what it says
     [figures] = [m for m in metrics if "exact_match" in m]  # beside the loss metrics, at the delivered step
     assert figures.keys() == {"step", "exact_match", "key_facts", "fact_recall", "base_exact_match", "base_key_facts",
                               "base_fact_recall"}
     assert figures["step"] == 5 and figures["exact_match"] == figures["key_facts"] == 0.0
     assert any(m.startswith("Answers to 4 held-out prompts: exact match 0/4 → 0/4") for m in events)
     assert "Answers to 4 held-out prompts" in (Path(result.adapter_dir) / "README.md").read_text()
+
+
+def test_general_questions_outside_the_domain_show_what_the_adapter_forgot(drifting_run):
+    """The drifting adapter answers "order order …" to anything: the general questions show it outside the domain,
+    which the held-out prompts of the domain cannot."""
+    result, events, metrics, out = drifting_run
+    general = [row for row in result.answers if row["part"] == "general"]
+    assert [(row["prompt"], row["expected"]) for row in general] == GENERAL_QUESTIONS[:8]  # the default 8, in order
+    assert all(row["tuned"].split()[0] == "order" and row["base"] != row["tuned"] for row in general)
+    figures = result.quality["general"]
+    assert figures["sample"] == figures["answered"] == 8 and figures["tuned"]["key_facts"] == 0.0
+    assert figures["base"]["answers_with_facts"] == 8  # every expected answer has a number or a quoted word
+    line = next(m for m in events if m.startswith("Answers to 4 held-out prompts"))
+    assert line.endswith(f"General questions outside the domain (8, built in): all key facts stated "
+                         f"{round(figures['base']['key_facts'] * 8)}/8 → 0/8.")
+    assert line.split("General")[1] in (Path(result.adapter_dir) / "README.md").read_text()
+
+
+def test_general_questions_wait_for_the_held_out_sample_and_its_time_budget(models_dir, tokenizer):
+    spec = tiny_spec()
+    model = attach_adapter(load_base_model(spec, models_dir, "cpu"), spec)
+    prompts = sample_prompts([chat(f"Where is parcel {i}?", f"Parcel {i} arrives in 3 days.") for i in range(3)], 3,
+                             seed=0)
+    events = []
+    hooks = TrainingHooks(on_event=lambda level, message: events.append(message))
+    spent = _answer_or_warn(model, hooks=hooks, general=general_prompts(2), tokenizer=tokenizer, prompts=prompts,
+                            max_new_tokens=2, budget_seconds=0.0)
+    assert [row["part"] for row in spent["answers"]] == ["held_out"] * 3 and "general" not in spent["quality"]
+    assert spent["quality"]["general_skipped"] == "the held-out answers spent the time budget"
+    assert quality_message(spent["quality"]).endswith("General questions skipped: the held-out answers spent the "
+                                                      "time budget.")
+    both = _answer_or_warn(model, hooks=hooks, general=general_prompts(2), tokenizer=tokenizer, prompts=prompts,
+                           max_new_tokens=2, budget_seconds=600.0)
+    assert [row["part"] for row in both["answers"]] == ["held_out"] * 3 + ["general"] * 2
+    assert both["answers"][3]["prompt"] == GENERAL_QUESTIONS[0][0] and both["quality"]["general"]["answered"] == 2
+    assert both["quality"]["answered"] == 3 and both["quality"]["tuned"]["answers"] == 3  # the domain's figures alone
+    assert events == []
 
 
 def test_no_validation_data_means_no_answers_and_the_last_weights(models_dir, tmp_path):
@@ -134,5 +174,6 @@ def test_a_qlora_job_answers_with_its_adapter_as_served_on_the_full_precision_ba
     served = load_adapter_model(result.adapter_dir, models_dir)  # what vLLM, TGI or PEFT load: no 4-bit base
     prompts = sample_prompts(read_examples(valid_file), 3, spec.seed)
     again = answer_side_by_side(served, load_tokenizer(TINY, models_dir), prompts, 6, budget_seconds=float("inf"))
-    assert [row["tuned"] for row in result.answers] == [row["tuned"] for row in again["answers"]]
-    assert [row["base"] for row in result.answers] == [row["base"] for row in again["answers"]]
+    held_out = [row for row in result.answers if row["part"] == "held_out"]
+    assert [row["tuned"] for row in held_out] == [row["tuned"] for row in again["answers"]]
+    assert [row["base"] for row in held_out] == [row["base"] for row in again["answers"]]
