@@ -106,7 +106,6 @@ class Quality(BaseModel):
     general: GeneralQuality | None = Field(
         None, description="The same figures on the spec's general_samples built-in general questions: whether "
         "answering outside the domain survived the tuning")
-    general_skipped: str | None = Field(None, description="Why the general questions were not asked, if they were not")
 
 
 class DeliveredCheckpoint(BaseModel):

@@ -131,8 +131,6 @@ def quality_message(quality: dict) -> str:
         line += (f" General questions outside the domain ({general['answered']}, built in): all key facts stated "
                  f"{share(general['base'], 'key_facts', 'answers_with_facts')} → "
                  f"{share(general['tuned'], 'key_facts', 'answers_with_facts')}.")
-    elif quality.get("general_skipped"):
-        line += f" General questions skipped: {quality['general_skipped']}."
     return line
 
 
@@ -146,33 +144,28 @@ def answerer(spec, tokenizer, valid_examples: list[Example], train_seconds: floa
                    budget_seconds=answer_budget_seconds(train_seconds))
 
 
-def _answer_or_warn(model, *, hooks: TrainingHooks, general: list[HeldOutPrompt], **kwargs) -> dict | None:
+def _answer_or_warn(model, *, hooks: TrainingHooks, tokenizer, prompts: list[HeldOutPrompt],
+                    general: list[HeldOutPrompt], max_new_tokens: int, budget_seconds: float) -> dict | None:
     """The answers report on a trained adapter; failing to generate them (an architecture's `generate`, GPU memory)
-    is a warning, never a failed job nor an out-of-memory retry of its training."""
+    is a warning, never a failed job nor an out-of-memory retry of its training.
+
+    The held-out sample gets its share of the time budget by its count of prompts, then the built-in general
+    questions what is left; each answers at least its first batch, so a slow machine still shows both. The general
+    figures go to `quality["general"]` and their rows, marked `part: general`, after the held-out ones."""
     try:
-        answered = answer_side_by_side(model, **kwargs)
-        for row in answered["answers"]:
-            row["part"] = "held_out"
+        share = len(prompts) / (len(prompts) + len(general))
+        answered = answer_side_by_side(model, tokenizer, prompts, max_new_tokens, budget_seconds * share)
+        answered["answers"] = [{**row, "part": "held_out"} for row in answered["answers"]]
         if general:
-            _answer_general(model, answered, general, **kwargs)
+            left = budget_seconds - answered["quality"]["seconds"]
+            extra = answer_side_by_side(model, tokenizer, general, max_new_tokens, left)
+            answered["quality"]["general"] = {key: extra["quality"][key] for key in
+                                              ("sample", "answered", "seconds", "base", "tuned")}
+            answered["answers"] += [{**row, "part": "general"} for row in extra["answers"]]
         return answered
     except Exception as exc:
         hooks.event("warn", f"Answers to held-out prompts were skipped: {type(exc).__name__}: {exc}"[:500])
         return None
-
-
-def _answer_general(model, answered: dict, general: list[HeldOutPrompt], *, tokenizer, prompts, max_new_tokens: int,
-                    budget_seconds: float) -> None:
-    """The built-in general questions after the held-out sample, in what is left of its time budget; their figures
-    go to `quality["general"]` and their rows, marked `part: general`, after the held-out ones."""
-    left = budget_seconds - answered["quality"]["seconds"]
-    if left <= 0:
-        answered["quality"]["general_skipped"] = "the held-out answers spent the time budget"
-        return
-    extra = answer_side_by_side(model, tokenizer, general, max_new_tokens, left)
-    answered["quality"]["general"] = {key: extra["quality"][key] for key in
-                                      ("sample", "answered", "seconds", "base", "tuned")}
-    answered["answers"] += [{**row, "part": "general"} for row in extra["answers"]]
 
 
 def report_answers(quality: dict, step: int, hooks: TrainingHooks) -> None:

@@ -11,7 +11,7 @@ from core.quality import score_answer
 from tests.helpers.tiny_model import retail_chat_records
 from tests.worker.conftest import TINY, tiny_spec, write_jsonl
 from worker.training import TrainingHooks, load_tokenizer, train
-from worker.training.answers import _answer_or_warn, answer_side_by_side, general_prompts, quality_message, sample_prompts
+from worker.training.answers import _answer_or_warn, answer_side_by_side, general_prompts, sample_prompts
 from worker.training.data import read_examples
 from worker.training.model import attach_adapter, load_adapter_model, load_base_model
 
@@ -139,20 +139,20 @@ def test_general_questions_outside_the_domain_show_what_the_adapter_forgot(drift
     assert line.split("General")[1] in (Path(result.adapter_dir) / "README.md").read_text()
 
 
-def test_general_questions_wait_for_the_held_out_sample_and_its_time_budget(models_dir, tokenizer):
+def test_general_questions_share_the_time_budget_and_always_answer_a_batch(models_dir, tokenizer):
     spec = tiny_spec()
     model = attach_adapter(load_base_model(spec, models_dir, "cpu"), spec)
-    prompts = sample_prompts([chat(f"Where is parcel {i}?", f"Parcel {i} arrives in 3 days.") for i in range(3)], 3,
+    prompts = sample_prompts([chat(f"Where is parcel {i}?", f"Parcel {i} arrives in 3 days.") for i in range(12)], 12,
                              seed=0)
     events = []
     hooks = TrainingHooks(on_event=lambda level, message: events.append(message))
-    spent = _answer_or_warn(model, hooks=hooks, general=general_prompts(2), tokenizer=tokenizer, prompts=prompts,
+    # A budget spent at once: each part still answers its first batch of 8, held-out first.
+    spent = _answer_or_warn(model, hooks=hooks, general=general_prompts(10), tokenizer=tokenizer, prompts=prompts,
                             max_new_tokens=2, budget_seconds=0.0)
-    assert [row["part"] for row in spent["answers"]] == ["held_out"] * 3 and "general" not in spent["quality"]
-    assert spent["quality"]["general_skipped"] == "the held-out answers spent the time budget"
-    assert quality_message(spent["quality"]).endswith("General questions skipped: the held-out answers spent the "
-                                                      "time budget.")
-    both = _answer_or_warn(model, hooks=hooks, general=general_prompts(2), tokenizer=tokenizer, prompts=prompts,
+    assert [row["part"] for row in spent["answers"]] == ["held_out"] * 8 + ["general"] * 8
+    assert spent["quality"]["answered"] == 8 and spent["quality"]["general"]["answered"] == 8
+    assert spent["quality"]["general"]["sample"] == 10
+    both = _answer_or_warn(model, hooks=hooks, general=general_prompts(2), tokenizer=tokenizer, prompts=prompts[:3],
                            max_new_tokens=2, budget_seconds=600.0)
     assert [row["part"] for row in both["answers"]] == ["held_out"] * 3 + ["general"] * 2
     assert both["answers"][3]["prompt"] == GENERAL_QUESTIONS[0][0] and both["quality"]["general"]["answered"] == 2
