@@ -88,6 +88,7 @@ class GeneralQuality(BaseModel):
 
     sample: int
     answered: int = Field(description="Fewer than the sample when the time budget ran out")
+    max_new_tokens: int = Field(description="answer_max_new_tokens, at most 64")
     seconds: float
     base: QualityFigures
     tuned: QualityFigures

@@ -21,6 +21,7 @@ from worker.training.hooks import TrainingHooks
 GENERATION_BATCH = 8
 MIN_BUDGET_SECONDS = 60.0  # a short job still gets a useful sample
 BUDGET_SHARE_OF_TRAINING = 0.25  # a long job spends at most a quarter of its training time more on answers
+GENERAL_MAX_NEW_TOKENS = 64  # a general question's fact comes early even in a rambling answer; half the default cost
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,9 @@ def _answer_or_warn(model, *, hooks: TrainingHooks, tokenizer, prompts: list[Hel
         answered["answers"] = [{**row, "part": "held_out"} for row in answered["answers"]]
         if general:
             left = budget_seconds - answered["quality"]["seconds"]
-            extra = answer_side_by_side(model, tokenizer, general, max_new_tokens, left)
+            extra = answer_side_by_side(model, tokenizer, general, min(max_new_tokens, GENERAL_MAX_NEW_TOKENS), left)
             answered["quality"]["general"] = {key: extra["quality"][key] for key in
-                                              ("sample", "answered", "seconds", "base", "tuned")}
+                                              ("sample", "answered", "max_new_tokens", "seconds", "base", "tuned")}
             answered["answers"] += [{**row, "part": "general"} for row in extra["answers"]]
         return answered
     except Exception as exc:

@@ -151,7 +151,7 @@ def test_general_questions_share_the_time_budget_and_always_answer_a_batch(model
                             max_new_tokens=2, budget_seconds=0.0)
     assert [row["part"] for row in spent["answers"]] == ["held_out"] * 8 + ["general"] * 8
     assert spent["quality"]["answered"] == 8 and spent["quality"]["general"]["answered"] == 8
-    assert spent["quality"]["general"]["sample"] == 10
+    assert spent["quality"]["general"]["sample"] == 10 and spent["quality"]["general"]["max_new_tokens"] == 2
     both = _answer_or_warn(model, hooks=hooks, general=general_prompts(2), tokenizer=tokenizer, prompts=prompts[:3],
                            max_new_tokens=2, budget_seconds=600.0)
     assert [row["part"] for row in both["answers"]] == ["held_out"] * 3 + ["general"] * 2
