@@ -160,8 +160,7 @@ def _answer_or_warn(model, *, hooks: TrainingHooks, tokenizer, prompts: list[Hel
         if general:
             left = budget_seconds - answered["quality"]["seconds"]
             extra = answer_side_by_side(model, tokenizer, general, min(max_new_tokens, GENERAL_MAX_NEW_TOKENS), left)
-            answered["quality"]["general"] = {key: extra["quality"][key] for key in
-                                              ("sample", "answered", "max_new_tokens", "seconds", "base", "tuned")}
+            answered["quality"]["general"] = extra["quality"]
             answered["answers"] += [{**row, "part": "general"} for row in extra["answers"]]
         return answered
     except Exception as exc:
