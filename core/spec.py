@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from core.general import GENERAL_QUESTIONS
+from core.general import GENERAL_QUESTIONS, REPLAY_PROMPTS
 
 TargetPreset = Literal["attention-qv", "attention", "all-linear"]
 
@@ -41,6 +41,10 @@ MAX_EPOCHS = 50
 MAX_BATCH_SIZE = 256
 MAX_CHECKPOINTS_KEPT = 20
 MAX_SEQ_LENGTH = 32_768
+# `general_replay` auto: one replayed general answer of the base per REPLAY_PER_EXAMPLES training examples, from
+# MIN_REPLAY_EXAMPLES examples on (docs/job-spec.md, "Keeping general answering"), at most the built-in prompts.
+REPLAY_PER_EXAMPLES = 8
+MIN_REPLAY_EXAMPLES = 64
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -126,6 +130,13 @@ class DataSection(BaseModel):
     )
     validation_fraction: float = Field(
         0.1, ge=0.0, le=0.5, description="Share of the training file held out for validation when no validation file is given."
+    )
+    general_replay: int | Literal["auto"] = Field(
+        "auto", description="Built-in general prompts outside the domain (core/general.py, none of the general "
+        "questions asked at the end) that the base answers greedily before training; its finished answers train "
+        "beside the data, so the adapter keeps answering outside the domain as the base does. Chat data only; 0 "
+        f"turns it off. `auto`: one per {REPLAY_PER_EXAMPLES} training examples from {MIN_REPLAY_EXAMPLES} on, at "
+        f"most {len(REPLAY_PROMPTS)} (docs/job-spec.md)."
     )
 
 
@@ -227,6 +238,9 @@ class JobSpec(CheckpointSection, OptimizationSection, DataSection, ModelSection)
         elif self.save_total_limit > MAX_CHECKPOINTS_KEPT:
             raise _refuse("JobSpec", "save_total_limit", self.save_total_limit,
                           f"at most {MAX_CHECKPOINTS_KEPT} checkpoints are kept")
+        if self.general_replay != "auto" and not 0 <= self.general_replay <= len(REPLAY_PROMPTS):
+            raise _refuse("JobSpec", "general_replay", self.general_replay,
+                          f"must be an integer from 0 to {len(REPLAY_PROMPTS)} (the built-in prompts), or 'auto'")
         if self.learning_rate_multiplier != "auto" and self.learning_rate_multiplier <= 0:
             raise _refuse("JobSpec", "learning_rate_multiplier", self.learning_rate_multiplier, "must be positive or 'auto'")
         if self.learning_rate is not None and self.learning_rate_multiplier != "auto":
@@ -258,6 +272,7 @@ class ResolvedHyperparameters(BaseModel):
     gradient_accumulation_steps: int
     learning_rate: float
     learning_rate_multiplier: float | None
+    general_replay: int = 0
     auto_rules: dict[str, str] = Field(default_factory=dict)
 
 
@@ -304,6 +319,13 @@ def _auto_multiplier(batch_size: int, width: int | None) -> tuple[float, str]:
                         f"[{MIN_AUTO_MULTIPLIER:g}, {MAX_AUTO_MULTIPLIER:g}] = {multiplier:g}")
 
 
+def _auto_replay(n: int) -> tuple[int, str]:
+    if n < MIN_REPLAY_EXAMPLES:
+        return 0, f"{n} examples < {MIN_REPLAY_EXAMPLES}: 0"
+    count = min(len(REPLAY_PROMPTS), n // REPLAY_PER_EXAMPLES)
+    return count, f"{n} examples // {REPLAY_PER_EXAMPLES}, at most {len(REPLAY_PROMPTS)} = {count}"
+
+
 def _micro_batch_size(batch_size: int, cap: int) -> int:
     """The largest divisor of batch_size that is at most `cap`."""
     return max(d for d in range(1, min(batch_size, cap) + 1) if batch_size % d == 0)
@@ -333,6 +355,9 @@ def resolve_auto(spec: JobSpec, n_train_examples: int, width: int | None = None)
         if multiplier == "auto":
             multiplier, rules["learning_rate_multiplier"] = _auto_multiplier(batch_size, width)
         learning_rate = multiplier * BASE_LEARNING_RATE
+    replay = spec.general_replay
+    if replay == "auto":
+        replay, rules["general_replay"] = _auto_replay(n)
     return ResolvedHyperparameters(
         n_epochs=n_epochs,
         batch_size=batch_size,
@@ -340,5 +365,6 @@ def resolve_auto(spec: JobSpec, n_train_examples: int, width: int | None = None)
         gradient_accumulation_steps=batch_size // micro,
         learning_rate=learning_rate,
         learning_rate_multiplier=multiplier,
+        general_replay=replay,
         auto_rules=rules,
     )

@@ -6,6 +6,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from core.general import GENERAL_QUESTIONS, REPLAY_PROMPTS
 from core.spec import JobSpec, model_width, resolve_auto
 
 
@@ -60,16 +61,34 @@ def test_openai_style_body_round_trips_through_json():
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
-@pytest.mark.parametrize(("n", "epochs", "batch", "micro"), [
-    (3, 25, 1, 1), (20, 25, 4, 4), (48, 25, 8, 8), (144, 21, 8, 8), (200, 15, 8, 8), (1000, 3, 8, 8),
-    (3000, 3, 16, 8), (20_000, 1, 64, 8),
+@pytest.mark.parametrize(("n", "epochs", "batch", "micro", "replay"), [
+    (3, 25, 1, 1, 0), (20, 25, 4, 4, 0), (48, 25, 8, 8, 0), (64, 25, 8, 8, 8), (144, 21, 8, 8, 18),
+    (200, 15, 8, 8, 25), (288, 11, 8, 8, 36), (1000, 3, 8, 8, 64), (3000, 3, 16, 8, 64), (20_000, 1, 64, 8, 64),
 ])
-def test_auto_values_follow_the_written_rule(n, epochs, batch, micro):
+def test_auto_values_follow_the_written_rule(n, epochs, batch, micro, replay):
     hp = resolve_auto(JobSpec(model="m"), n)
-    assert (hp.n_epochs, hp.batch_size, hp.micro_batch_size) == (epochs, batch, micro)
+    assert (hp.n_epochs, hp.batch_size, hp.micro_batch_size, hp.general_replay) == (epochs, batch, micro, replay)
     assert hp.gradient_accumulation_steps * hp.micro_batch_size == hp.batch_size
-    assert set(hp.auto_rules) == {"n_epochs", "batch_size", "micro_batch_size", "learning_rate_multiplier"}
+    assert set(hp.auto_rules) == {"n_epochs", "batch_size", "micro_batch_size", "learning_rate_multiplier",
+                                  "general_replay"}
     assert str(n) in hp.auto_rules["n_epochs"] and str(n) in hp.auto_rules["batch_size"]
+
+
+def test_general_replay_is_a_count_of_the_built_in_prompts_or_auto():
+    assert resolve_auto(JobSpec(model="m", general_replay=5), 20).general_replay == 5  # asked for: any data size
+    assert resolve_auto(JobSpec(model="m", general_replay=0), 5000).general_replay == 0
+    assert resolve_auto(JobSpec(model="m"), 288).auto_rules["general_replay"] == "288 examples // 8, at most 64 = 36"
+    assert resolve_auto(JobSpec(model="m"), 63).auto_rules["general_replay"] == "63 examples < 64: 0"
+    with pytest.raises(ValidationError) as refused:
+        JobSpec(model="m", general_replay=len(REPLAY_PROMPTS) + 1)
+    assert refused.value.errors()[0]["loc"] == ("general_replay",)
+    assert "from 0 to 64 (the built-in prompts)" in str(refused.value)
+
+
+def test_replayed_prompts_are_none_of_the_general_questions_that_measure_what_survived():
+    asked = {question.lower() for question, _ in GENERAL_QUESTIONS}
+    assert len(set(REPLAY_PROMPTS)) == len(REPLAY_PROMPTS) == 64
+    assert not asked & {prompt.lower() for prompt in REPLAY_PROMPTS}
 
 
 def test_small_datasets_train_at_least_3000_examples_and_the_rule_says_so():
@@ -121,10 +140,10 @@ def test_model_width_reads_the_language_models_hidden_size(config, width):
 
 
 def test_explicit_values_pass_through_without_rules():
-    spec = JobSpec(model="m", n_epochs=2, batch_size=12, micro_batch_size=4, learning_rate=3e-4)
+    spec = JobSpec(model="m", n_epochs=2, batch_size=12, micro_batch_size=4, learning_rate=3e-4, general_replay=10)
     hp = resolve_auto(spec, 500)
     assert (hp.n_epochs, hp.batch_size, hp.micro_batch_size, hp.gradient_accumulation_steps) == (2, 12, 4, 3)
-    assert hp.learning_rate == 3e-4 and hp.auto_rules == {}
+    assert hp.learning_rate == 3e-4 and hp.general_replay == 10 and hp.auto_rules == {}
 
 
 def test_explicit_batch_gets_the_largest_micro_batch_that_divides_it():

@@ -54,6 +54,11 @@ def sample_prompts(examples: list[Example], n: int, seed: int) -> list[HeldOutPr
 
 def generate_answers(model, tokenizer, prompts: list[HeldOutPrompt], max_new_tokens: int) -> list[str]:
     """Greedy answers, left-padded in one batch, stopping at the template's end of turn."""
+    return [text for text, _ in generate_finished(model, tokenizer, prompts, max_new_tokens)]
+
+
+def generate_finished(model, tokenizer, prompts: list[HeldOutPrompt], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """`generate_answers`, each answer with whether it ended at an end of turn (False: cut at `max_new_tokens`)."""
     import torch
 
     texts = [render_chat(p.messages, tokenizer, add_generation_prompt=True) for p in prompts]
@@ -69,7 +74,8 @@ def generate_answers(model, tokenizer, prompts: list[HeldOutPrompt], max_new_tok
                                 do_sample=False, use_cache=True, eos_token_id=stop_ids or None,
                                 pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [_printable(tokenizer.decode(row, skip_special_tokens=True)) for row in new_tokens]
+    return [(_printable(tokenizer.decode(row, skip_special_tokens=True)), bool(set(row.tolist()) & set(stop_ids)))
+            for row in new_tokens]
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")

@@ -216,16 +216,21 @@ def name_base_model(adapter_dir: Path, model_id: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def load_full_precision_base(model_id: str, models_dir: Path, dtype="auto"):
+    """The catalogue's base in its own dtype (bf16 stays bf16) or `dtype`, never 4-bit: what an adapter is served on."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_source(models_dir, model_id), dtype=dtype)
+
+
 def load_adapter_model(adapter_dir: Path, models_dir: Path):
     """The base from the catalogue in its own dtype (bf16 stays bf16) with the saved adapter on it, for inference or merging.
 
     Never a 4-bit base: merging into one destroys the adapter's effect (DESIGN.md).
     """
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base_id = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(model_source(models_dir, base_id), dtype="auto")
+    base = load_full_precision_base(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path, models_dir)
     return PeftModel.from_pretrained(base, adapter_dir)
 
 

@@ -37,8 +37,10 @@ from worker.training.data import (
 )
 from worker.training.evaluate import evaluate_model
 from worker.training.hooks import TrainingHooks
+from worker.training.replay import is_chat_data, replay_examples
 from worker.training.model import (
     attach_adapter,
+    load_full_precision_base,
     base_config,
     check_4bit_layout,
     compute_description,
@@ -272,8 +274,27 @@ def train(
     hp = resolve_auto(spec, len(train_data.rows), model_width(config))
     collator = make_collator(spec.packing, tokenizer)
 
+    if hp.general_replay and not is_chat_data(train_examples):
+        hooks.event("info", "General replay is off: it replays chats, and this training data is text.")
+        hp = hp.model_copy(update={"general_replay": 0})
+    replay = None
+    if hp.general_replay and device == "cpu" and spec.quantization != "none":
+        # No inference on a 4-bit model before training it on the CPU (DESIGN.md): the full-precision base answers,
+        # the base the adapter is served on.
+        full_precision = load_full_precision_base(spec.model, models_dir, dtype="float32")  # fast on every CPU
+        replay = replay_examples(full_precision, tokenizer, hp.general_replay)
+        del full_precision
+        _release()
+
     set_seed(spec.seed)  # the adapter's initial weights
     base = load_base_model(spec, models_dir, device, gradient_checkpointing)
+    if hp.general_replay and replay is None:
+        replay = replay_examples(base, tokenizer, hp.general_replay)
+        set_seed(spec.seed)
+    n_examples = len(train_data.rows)  # the team's; replayed answers are counted apart
+    if replay is not None:
+        train_data.rows += tokenize_all(replay.examples, tokenizer, spec.max_seq_length, spec.train_on_inputs).rows
+        hooks.event("info", replay.message())
     compute = compute_description(spec, device)
     if spec.packing and use_packed_attention(base):  # attention per packed example, not over a dense (ΣL)² mask
         attention = attention_path(spec, device, base.config)  # probed only where attention computes in bf16
@@ -289,7 +310,8 @@ def train(
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, training_collator(collator, model),
                             out_dir / "checkpoints", device, callback, valid_rows=valid_data.rows)
-    hooks.event("info", f"Training {len(train_data.rows)} examples on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
+    replayed = f" and {len(train_data.rows) - n_examples} replayed general answers" if replay is not None else ""
+    hooks.event("info", f"Training {n_examples} examples{replayed} on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute}.")
     if resume_from is not None and resume_best is not None:
@@ -332,7 +354,7 @@ def train(
         baseline_eval=baseline,
         final_eval=final,
         dropped_examples=dropped,
-        n_train_examples=len(train_data.rows),
+        n_train_examples=n_examples,
         n_valid_examples=len(valid_data.rows),
         truncated_examples=train_data.truncated,
         data_sha256=sha,
