@@ -571,17 +571,20 @@ def _settle_stopped(settings: Settings, job: ClaimedJob, owner: str, run: JobRun
             row = repo.get_any(session, job.id)
             if row is None:
                 return
+            progress = _progress_at_stop(row.progress, result)
             if run.stop_reason == "cancel" or row.cancel_requested:
                 _settle_in(session, job, owner, status="cancelled", trained_tokens=result.trained_tokens,
+                           progress=progress,
                            message=f"Job cancelled at step {result.steps}; its checkpoints stay downloadable")
             elif run.stop_reason == "pause":
                 _settle_in(session, job, owner, status="paused", trained_tokens=result.trained_tokens,
+                           progress=progress,
                            attempts=max(0, job.attempts - 1), pause_requested=False, lease_expires_at=None,
                            message=f"Job paused at step {result.steps}; it resumes from {at} "
                                    f"(POST /v1/fine_tuning/jobs/{job.id}/resume)")
             else:
                 requeued = _settle_in(session, job, owner, status="queued", level="warn",
-                                      attempts=max(0, job.attempts - 1),
+                                      attempts=max(0, job.attempts - 1), progress=progress,
                                       lease_expires_at=db_epoch() + settings.lease_seconds,
                                       message=f"The worker is shutting down: job released at step {result.steps}; it "
                                               f"resumes from {at} on the next free worker (no attempt spent)")
@@ -590,6 +593,15 @@ def _settle_stopped(settings: Settings, job: ClaimedJob, owner: str, run: JobRun
                     after_commit(session, lambda: queue.send(settings, queue.TRAIN_JOB, job.id, queue=name))
 
     retry_db(settle, budget_seconds=settings.write_retry_seconds, what="the stopped job")
+
+
+def _progress_at_stop(progress: dict | None, result) -> dict:
+    """The job's progress at the step training stopped on. Progress is written at most every few seconds, so the
+    last snapshot may be steps behind the checkpoint a pause or a release wrote; the job shows the step it stopped
+    on (the one its event names and it resumes from) until it trains again."""
+    total = result.total_steps or (progress or {}).get("total_steps") or 0
+    return {**(progress or {}), "step": result.steps, "total_steps": total or None,
+            "percent": round(100.0 * result.steps / total, 1) if total else 0.0}
 
 
 def _settle_in(session, job: ClaimedJob, owner: str, *, status: str, message: str, level: str = "info",

@@ -168,12 +168,13 @@ def test_a_job_paused_after_its_best_checkpoint_cools_from_it_and_delivers_it_on
         validation = processed_file(stack.client, support_dataset(10, seed=1), name="valid.jsonl")
         stack.worker("gpu", "paused-best")
         job = create_job(stack.client, training, validation_file=validation,
-                         hyperparameters={"n_epochs": 4, "batch_size": 4}, learning_rate=0.1, seed=3,
-                         early_stopping_patience=5, answer_samples=0)
+                         hyperparameters={"n_epochs": 4, "batch_size": 4}, learning_rate=0.03, seed=3,
+                         early_stopping_patience=5, answer_samples=0, general_replay=0)  # the drift alone
         stack.wait_step(job.id, 5)
         stack.client.fine_tuning.jobs.pause(job.id)
         paused = wait_status(stack.client, job.id, statuses=("paused",), timeout=60)
-        paused_at = paused.model_extra["progress"]["step"]
+        paused_at = paused.model_extra["progress"]["step"]  # the step it stopped on, not the last snapshot before
+        assert any(m.startswith(f"Job paused at step {paused_at};") for m in messages(stack.client, job.id))
         losses = {c.step_number: c.metrics.valid_loss for c in stack.client.fine_tuning.jobs.checkpoints.list(job.id)
                   if c.metrics.valid_loss is not None}  # the pause's own checkpoint is not evaluated
         best = min(losses, key=losses.get)
@@ -185,7 +186,8 @@ def test_a_job_paused_after_its_best_checkpoint_cools_from_it_and_delivers_it_on
         delivered = done.model_extra["delivered_checkpoint"]
         # Patience ran out after the resume, and the cooldown started from the best weights so far, fetched from
         # storage (here the cooled weights then did better still, and are delivered as the best).
-        assert delivered["early_stopped"] and delivered["cooled_from"] == best, delivered
+        after = {c.step_number: c.metrics.valid_loss for c in stack.client.fine_tuning.jobs.checkpoints.list(job.id)}
+        assert delivered["early_stopped"] and delivered["cooled_from"] == best, (delivered, losses, after, paused_at)
         assert delivered["value"] <= losses[best]
         text = messages(stack.client, job.id)
         assert any(f"from the weights of step {best} (the best before it)" in m for m in text), text
