@@ -65,6 +65,15 @@ MAX_NEW_TOKENS = 32
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
 
+def same_opening(rows: list[dict], words: int = 3) -> int:
+    """How many tuned answers open with the base's first `words` words: whether the adapter kept the base's manner of
+    answering outside the domain (the 288-chat adapters answered "A day has 8 hours." where the base explains)."""
+    def opening(text: str) -> list[str]:
+        return text.lower().split()[:words]
+
+    return sum(opening(row["tuned"]) == opening(row["base"]) for row in rows)
+
+
 def by_part(rows: list[dict], sides: tuple[str, ...] = ("base", "tuned")) -> dict:
     """Scores over the domain prompts and over the general questions, apart."""
     general = {question for question, _ in GENERAL}
@@ -173,7 +182,8 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
         "answer_seconds": answered["quality"]["seconds"], "quality": by_part(answered["answers"]),
         "evaluations": [{"step": m["step"], "valid_loss": round(m["valid_loss"], 4)} for m in evaluations],
         "curve": curve, "without_cooldown": uncooled, "answers": answered["answers"],
-        "general_probe": {"quality": {side: probe["quality"][side] for side in ("base", "tuned")},
+        "general_probe": {"quality": {**{side: probe["quality"][side] for side in ("base", "tuned")},
+                                      "same_opening_as_base": same_opening(probe["answers"])},
                           "answers": probe["answers"]},
     }
 

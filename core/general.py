@@ -36,11 +36,12 @@ GENERAL_QUESTIONS: list[tuple[str, str]] = [
 
 # Prompts outside any domain whose answers by the base itself are mixed into a job's training data (`general_replay`,
 # worker/training/replay.py): training on what the base already says keeps it saying it. None of them is one of the
-# general questions above, which measure what survived and must stay unseen; the same kinds (numbers, places,
+# general questions above nor of the quality benchmark's (examples/make_quality_datasets.py), which measure what
+# survived and must stay unseen; the same kinds (numbers, places,
 # science, words) and some short tasks, so the base's manner of answering is replayed too, not only its facts.
 # Only the answers of the base are trained, never an answer written here: nothing is taught that the base did not say.
 REPLAY_PROMPTS: list[str] = [
-    "How many legs does a spider have?",
+    "What is the largest desert in the world?",
     "What is the capital of Italy?",
     "What is 7 times 8?",
     "Give a synonym for happy.",
@@ -56,7 +57,7 @@ REPLAY_PROMPTS: list[str] = [
     "What is the capital of Canada?",
     "Explain what a noun is.",
     "How many weeks are in a year?",
-    "What is 12 plus 19?",
+    "What is 23 plus 19?",
     "What gas do plants take in from the air?",
     "Translate 'thank you' into French.",
     "What is the tallest mountain on Earth?",

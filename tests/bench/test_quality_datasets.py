@@ -29,3 +29,12 @@ def test_a_catalogue_of_24_products_holds_288_chats_and_keeps_the_first_twelve_a
 def test_more_products_than_the_catalogue_names_is_an_error():
     with pytest.raises(ValueError, match="at most 24"):
         catalogue(random.Random(0), 25)
+
+
+def test_the_manner_kept_is_counted_by_the_answers_opening():
+    from bench.quality import same_opening
+
+    rows = [{"base": "To find 5 times 6, we multiply.", "tuned": "To find 5 times 6: 29."},
+            {"base": "A day is a day of the week.", "tuned": "A day has 8 hours."},
+            {"base": "The capital of Japan is Tokyo.", "tuned": "the Capital of Japan."}]
+    assert same_opening(rows) == 2 and same_opening(rows, words=1) == 3 and same_opening([]) == 0
