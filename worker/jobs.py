@@ -259,8 +259,7 @@ class JobRun:
         total = progress.get("total_steps") or 0
         step = progress.get("step") or 0
         values = {"progress": {
-            "step": step, "total_steps": total or None, "percent": round(100.0 * step / total, 1) if total else 0.0,
-            "epoch": progress.get("epoch"), "train_loss": progress.get("loss"),
+            **_steps(step, total), "epoch": progress.get("epoch"), "train_loss": progress.get("loss"),
             "tokens_per_second": progress.get("tokens_per_second")}}
         if progress.get("tokens_seen") is not None:
             values["trained_tokens"] = int(progress["tokens_seen"])
@@ -600,8 +599,12 @@ def _progress_at_stop(progress: dict | None, result) -> dict:
     last snapshot may be steps behind the checkpoint a pause or a release wrote; the job shows the step it stopped
     on (the one its event names and it resumes from) until it trains again."""
     total = result.total_steps or (progress or {}).get("total_steps") or 0
-    return {**(progress or {}), "step": result.steps, "total_steps": total or None,
-            "percent": round(100.0 * result.steps / total, 1) if total else 0.0}
+    return {**(progress or {}), **_steps(result.steps, total)}
+
+
+def _steps(step: int, total: int) -> dict:
+    """A progress's step, total (None while unknown) and percent done."""
+    return {"step": step, "total_steps": total or None, "percent": round(100.0 * step / total, 1) if total else 0.0}
 
 
 def _settle_in(session, job: ClaimedJob, owner: str, *, status: str, message: str, level: str = "info",

@@ -16,6 +16,7 @@ from core.datasets.formats import Example
 from core.general import GENERAL_QUESTIONS
 from core.quality import score_answer, summarize
 from worker.training.data import end_of_turn_tokens, render_chat
+from worker.training.evaluate import eval_mode
 from worker.training.hooks import TrainingHooks
 
 GENERATION_BATCH = 8
@@ -98,22 +99,21 @@ def answer_side_by_side(model, tokenizer, prompts: list[HeldOutPrompt], max_new_
     Batches are answered by both models before the next starts, so every answered prompt has both answers; no
     batch starts once `budget_seconds` are spent.
     """
-    was_training = model.training
-    model.eval()
     start = time.monotonic()
     rows: list[dict] = []
-    for at in range(0, len(prompts), GENERATION_BATCH):
-        if rows and time.monotonic() - start > budget_seconds:
-            break
-        batch = prompts[at:at + GENERATION_BATCH]
-        with model.disable_adapter():
-            base = generate_answers(model, tokenizer, batch, max_new_tokens)
-        tuned = generate_answers(model, tokenizer, batch, max_new_tokens)
-        for prompt, base_answer, tuned_answer in zip(batch, base, tuned):
-            rows.append({"prompt": prompt.prompt, "expected": prompt.expected, "base": base_answer,
-                         "tuned": tuned_answer, "base_score": score_answer(base_answer, prompt.expected, prompt.prompt),
-                         "tuned_score": score_answer(tuned_answer, prompt.expected, prompt.prompt)})
-    model.train(was_training)
+    with eval_mode(model):
+        for at in range(0, len(prompts), GENERATION_BATCH):
+            if rows and time.monotonic() - start > budget_seconds:
+                break
+            batch = prompts[at:at + GENERATION_BATCH]
+            with model.disable_adapter():
+                base = generate_answers(model, tokenizer, batch, max_new_tokens)
+            tuned = generate_answers(model, tokenizer, batch, max_new_tokens)
+            for prompt, base_answer, tuned_answer in zip(batch, base, tuned):
+                rows.append({"prompt": prompt.prompt, "expected": prompt.expected, "base": base_answer,
+                             "tuned": tuned_answer,
+                             "base_score": score_answer(base_answer, prompt.expected, prompt.prompt),
+                             "tuned_score": score_answer(tuned_answer, prompt.expected, prompt.prompt)})
     quality = {
         "sample": len(prompts), "answered": len(rows), "max_new_tokens": max_new_tokens,
         "seconds": round(time.monotonic() - start, 2),

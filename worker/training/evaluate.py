@@ -1,6 +1,21 @@
 """Evaluate: token-level loss and accuracy on validation rows, counting only trained tokens."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from worker.training.data import IGNORE_INDEX
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """`model` in eval mode (no dropout) for the block, then back in the mode it was in, even when the block fails:
+    evaluation, answers and replay run mid-training, and the Trainer goes on from their model."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def evaluate_model(model, rows: list[dict], collator, micro_batch_size: int) -> dict | None:
@@ -10,11 +25,9 @@ def evaluate_model(model, rows: list[dict], collator, micro_batch_size: int) -> 
 
     if not rows:
         return None
-    was_training = model.training
-    model.eval()
     device = next(p for p in model.parameters()).device
     total_loss, correct, count = 0.0, 0, 0
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(rows), micro_batch_size):
             batch = collator(rows[start:start + micro_batch_size])
             labels = batch.pop("labels").to(device)
@@ -24,5 +37,4 @@ def evaluate_model(model, rows: list[dict], collator, micro_batch_size: int) -> 
             total_loss += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()
             correct += (logits[mask].argmax(-1) == targets[mask]).sum().item()
             count += int(mask.sum())
-    model.train(was_training)
     return {"loss": total_loss / count, "token_accuracy": correct / count}
