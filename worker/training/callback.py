@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from worker.training.hooks import TrainingHooks
 from worker.training.model import name_base_model
+from worker.training.replay import Replay
 
 
 class HooksCallback(TrainerCallback):
@@ -17,13 +18,14 @@ class HooksCallback(TrainerCallback):
 
     def __init__(
         self, hooks: TrainingHooks, evaluate: Callable[[object], dict | None], eval_steps: int | None, base_model_id: str,
-        save_every_seconds: float | None = None,
+        save_every_seconds: float | None = None, replay: Replay | None = None,
     ):
         self.hooks = hooks
         self.base_model_id = base_model_id
         self.evaluate = evaluate
         self.eval_steps = eval_steps
         self.save_every_seconds = save_every_seconds  # a checkpoint by time too: a crash costs minutes, not an epoch
+        self.replay = replay  # stored with every checkpoint, for a resumed job to train on the same answers
         self.cancelled = False
         self.last_metrics: dict = {}
         self._start_time = 0.0
@@ -68,6 +70,8 @@ class HooksCallback(TrainerCallback):
         self._saved_step = state.global_step
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         name_base_model(path, self.base_model_id)
+        if self.replay is not None:
+            self.replay.save(path)
         self.hooks.event("info", f"Checkpoint saved at step {state.global_step}.")
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(state.global_step, path, dict(self.last_metrics))

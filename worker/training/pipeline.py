@@ -37,7 +37,7 @@ from worker.training.data import (
 )
 from worker.training.evaluate import evaluate_model
 from worker.training.hooks import TrainingHooks
-from worker.training.replay import is_chat_data, replay_examples
+from worker.training.replay import Replay, is_chat_data, replay_examples
 from worker.training.model import (
     attach_adapter,
     load_full_precision_base,
@@ -232,6 +232,39 @@ def _dropped(train_data: TokenizedData, valid_data: TokenizedData) -> dict:
     return {"count": sum(reasons.values()), "reasons": reasons}
 
 
+def general_replay(spec: JobSpec, hp: ResolvedHyperparameters, base, tokenizer, device: str, models_dir: Path,
+                   hooks: TrainingHooks, resume_from: Path | None) -> Replay | None:
+    """The general answers of the base that train beside the data (worker/training/replay.py), with an event that
+    says so; None when the job replays none.
+
+    A resumed job trains on those stored with its checkpoint. A 4-bit base on the CPU is not asked (no inference on
+    a 4-bit model before training it there, DESIGN.md): the full-precision base, the one the adapter is served on,
+    answers instead, in float32 (fast on every CPU). Failing to generate (an architecture's `generate`, memory) is a
+    warning, as for the held-out answers: the job trains without replay rather than fail before its first step.
+    """
+    if not hp.general_replay:
+        return None
+    replay = Replay.load(resume_from, hp.general_replay)
+    if replay is None:
+        try:
+            if device == "cpu" and spec.quantization != "none":
+                full_precision = load_full_precision_base(spec.model, models_dir, dtype="float32")
+                try:
+                    replay = replay_examples(full_precision, tokenizer, hp.general_replay)
+                finally:
+                    del full_precision
+                    _release()
+            else:
+                replay = replay_examples(base, tokenizer, hp.general_replay)
+        except Exception as exc:
+            _release()
+            hooks.event("warn", f"General replay was skipped, the job trains on its data alone: "
+                                f"{type(exc).__name__}: {exc}"[:500])
+            return None
+    hooks.event("info", replay.message())
+    return replay
+
+
 def train(
     spec: JobSpec,
     train_path: Path,
@@ -277,24 +310,14 @@ def train(
     if hp.general_replay and not is_chat_data(train_examples):
         hooks.event("info", "General replay is off: it replays chats, and this training data is text.")
         hp = hp.model_copy(update={"general_replay": 0})
-    replay = None
-    if hp.general_replay and device == "cpu" and spec.quantization != "none":
-        # No inference on a 4-bit model before training it on the CPU (DESIGN.md): the full-precision base answers,
-        # the base the adapter is served on.
-        full_precision = load_full_precision_base(spec.model, models_dir, dtype="float32")  # fast on every CPU
-        replay = replay_examples(full_precision, tokenizer, hp.general_replay)
-        del full_precision
-        _release()
 
     set_seed(spec.seed)  # the adapter's initial weights
     base = load_base_model(spec, models_dir, device, gradient_checkpointing)
-    if hp.general_replay and replay is None:
-        replay = replay_examples(base, tokenizer, hp.general_replay)
-        set_seed(spec.seed)
+    replay = general_replay(spec, hp, base, tokenizer, device, models_dir, hooks, resume_from)
     n_examples = len(train_data.rows)  # the team's; replayed answers are counted apart
     if replay is not None:
+        set_seed(spec.seed)  # whatever generating drew, the adapter starts from the seed's weights
         train_data.rows += tokenize_all(replay.examples, tokenizer, spec.max_seq_length, spec.train_on_inputs).rows
-        hooks.event("info", replay.message())
     compute = compute_description(spec, device)
     if spec.packing and use_packed_attention(base):  # attention per packed example, not over a dense (ΣL)² mask
         attention = attention_path(spec, device, base.config)  # probed only where attention computes in bf16
@@ -307,7 +330,7 @@ def train(
         hooks.on_parameters(dict(parameters))
     evaluate = partial(evaluate_model, rows=valid_data.rows, collator=with_boundaries(collator, model),
                        micro_batch_size=hp.micro_batch_size)
-    callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds)
+    callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds, replay)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, training_collator(collator, model),
                             out_dir / "checkpoints", device, callback, valid_rows=valid_data.rows)
     replayed = f" and {len(train_data.rows) - n_examples} replayed general answers" if replay is not None else ""

@@ -1,8 +1,10 @@
 """General replay: the base's own answers to built-in general prompts train beside the team's chats."""
 
+import json
 import math
 
 import pytest
+import torch
 
 from core.general import GENERAL_QUESTIONS, REPLAY_PROMPTS
 from tests.helpers.tiny_model import retail_chat_records
@@ -12,7 +14,7 @@ from worker.training import TrainingHooks, load_tokenizer, train
 from worker.training.answers import HeldOutPrompt, generate_answers
 from worker.training.data import IGNORE_INDEX, tokenize_example
 from worker.training.model import load_base_model
-from worker.training.replay import REPLAY_MAX_NEW_TOKENS, replay_examples
+from worker.training.replay import REPLAY_FILE, REPLAY_MAX_NEW_TOKENS, replay_examples
 
 
 def run(spec, records, root, models_dir):
@@ -58,6 +60,57 @@ def test_a_4bit_job_on_the_cpu_replays_answers_of_the_full_precision_base_and_st
                          retail_chat_records(20), tmp_path, models_dir)
     assert result.status == "succeeded" and result.hyperparameters["general_replay"] == 4
     assert any(m.startswith("General replay: the base answered 4 built-in general prompts") for m in events)
+
+
+def test_a_resumed_job_trains_on_the_replay_stored_with_its_checkpoint(models_dir, tokenizer, tmp_path):
+    """Another attempt, maybe on another GPU class, must not answer anew: the rows its epochs count on stay."""
+    spec = tiny_spec(general_replay=8, validation_fraction=0.0, n_epochs=2)
+    expected = replay_examples(load_base_model(spec, models_dir, "cpu"), tokenizer, 8)
+    kept = len(expected.examples)
+    assert kept >= 1  # the tiny model finishes one of its 8 answers: the stored chats are compared, not an empty list
+    train_file = write_jsonl(tmp_path / "train.jsonl", retail_chat_records(20))
+    stored, checks = {}, []
+
+    def stored_with(step, path, metrics):  # read when the checkpoint is announced: what a worker archives
+        stored[step] = json.loads((path / REPLAY_FILE).read_text())
+
+    def stop_at_step_4():
+        checks.append(1)
+        return len(checks) >= 4
+
+    cut = train(spec, train_file, None, tmp_path / "cut", TrainingHooks(on_checkpoint=stored_with,
+                                                                         should_stop=stop_at_step_4),
+                models_dir=models_dir)
+    assert cut.status == "cancelled" and list(stored) == [4] and stored[4]["asked"] == 8
+    assert [[m["content"] for m in chat["messages"]] for chat in stored[4]["chats"]] == [
+        [turn.content for turn in example.turns] for example in expected.examples]
+
+    events = []
+    resumed = train(spec, train_file, None, tmp_path / "resumed", TrainingHooks(on_event=lambda l, m: events.append(m)),
+                    models_dir=models_dir, resume_from=tmp_path / "cut" / "checkpoints" / "checkpoint-4")
+    assert resumed.status == "succeeded" and resumed.total_steps == cut.total_steps == 2 * math.ceil((20 + kept) / 4)
+    assert (f"General replay: the {kept} answers the base gave to 8 built-in general prompts, stored with the "
+            f"checkpoint resumed from, train beside the data again.") in events
+    assert not any(m.startswith("General replay: the base answered") for m in events)  # nothing generated anew
+    assert any(m.startswith(f"Training 20 examples and {kept} replayed general answers") for m in events)
+
+
+def test_a_replay_that_fails_to_generate_is_a_warning_and_the_job_trains_on_its_data(models_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Generation can fail where training does not (an architecture's `generate`, memory for the cache): the job
+    warns and trains without replay, as it does for the held-out answers."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("worker.training.replay.generate_finished", out_of_memory)
+    warnings = []
+    train_file = write_jsonl(tmp_path / "train.jsonl", retail_chat_records(20))
+    result = train(tiny_spec(general_replay=8, validation_fraction=0.0), train_file, None, tmp_path / "out",
+                   TrainingHooks(on_event=lambda level, m: warnings.append(m) if level == "warn" else None),
+                   models_dir=models_dir)
+    assert result.status == "succeeded" and result.n_train_examples == 20 and result.total_steps == 5
+    assert warnings == ["General replay was skipped, the job trains on its data alone: OutOfMemoryError: CUDA out "
+                        "of memory. Tried to allocate 2.00 GiB"]
 
 
 @pytest.mark.slow
