@@ -3,9 +3,9 @@
 import time
 
 from api.services import projects
+from cli.database import deployment_transaction
 from cli.output import add_json_flag, emit
 from core.settings import get_settings
-from db.session import transaction
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def cmd_create(args) -> int:
-    with transaction(get_settings().database_url) as session:
+    with deployment_transaction(get_settings()) as session:
         new = projects.create_key(session, args.project, name=args.name, read_only=args.read_only)
     emit(args, {"id": new.row.id, "key": new.key, "project": new.project.name, "read_only": new.row.read_only},
          lambda: f"{new.key}\n# key {new.row.id} for project '{new.project.name}': store it now, it is not shown again.")
@@ -35,7 +35,7 @@ def cmd_create(args) -> int:
 
 
 def cmd_list(args) -> int:
-    with transaction(get_settings().database_url) as session:
+    with deployment_transaction(get_settings()) as session:
         rows = [{"id": key.id, "prefix": key.prefix, "project": project.name, "created_at": int(key.created_at),
                  "state": "revoked" if key.revoked_at else "active", "read_only": bool(key.read_only)}
                 for key, project in projects.list_keys(session, args.project)]
@@ -53,7 +53,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_revoke(args) -> int:
-    with transaction(get_settings().database_url) as session:
+    with deployment_transaction(get_settings()) as session:
         key = projects.revoke_key(session, args.key)
         revoked = {"id": key.id, "prefix": key.prefix, "state": "revoked"}
     emit(args, revoked, lambda: f"revoked {revoked['id']} ({revoked['prefix']}…)")

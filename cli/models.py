@@ -8,6 +8,7 @@ With `--models-dir DIR` they work on a local folder of models, as a single host 
 import tempfile
 from pathlib import Path
 
+from cli.database import deployment_transaction
 from cli.output import add_json_flag, emit
 from core.catalogue import add_model, list_models
 from core.errors import LorajobsError
@@ -42,10 +43,9 @@ def _publish(model_id: str, folder: Path, source: str) -> str:
     """Add a folder to the deployment's catalogue; what happened, in words."""
     from core.storage import get_storage
     from db import catalogue
-    from db.session import transaction
 
     settings = get_settings()
-    with transaction(settings.database_url) as session:
+    with deployment_transaction(settings) as session:
         entry, uploaded = catalogue.publish(session, get_storage(settings), model_id, folder, source=source)
         files, size, architecture = len(entry.files), entry.bytes, entry.architecture
     how = f"uploaded {uploaded / 1024**2:.1f} MiB" if uploaded else "every file already stored"
@@ -58,10 +58,9 @@ def cmd_list(args) -> int:
         found = list_models(args.models_dir)
     else:
         from db import catalogue
-        from db.session import transaction
 
         settings = get_settings()
-        with transaction(settings.database_url) as session:
+        with deployment_transaction(settings) as session:
             found = catalogue.list_all(session, settings.models_dir)
     if getattr(args, "json", False):
         emit(args, [{"id": m.id, "architecture": m.architecture, "path": str(m.path) if m.path else None}
