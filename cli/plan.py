@@ -121,6 +121,10 @@ def render(plan: Plan, spec: JobSpec) -> str:
     base = "LoRA, 16-bit base (bf16 or fp32 on a CPU, as measured)" if plan.quantization == "none" else \
         f"QLoRA {plan.quantization}{' + double quant' if spec.double_quant else ''}"
     data = f"max_seq_length {plan.max_seq_length}, batch {plan.batch_size}, {plan.n_epochs} epochs"
+    if plan.n_examples is not None:
+        data += f" of {plan.n_examples:,} examples"
+        if plan.replayed_examples:
+            data += f" and up to {plan.replayed_examples} replayed general answers"
     if plan.training_tokens is not None:
         data += f", {plan.training_tokens:,} tokens, {plan.steps:,} steps"
     lines += [f"{base}; {data}", ""]

@@ -46,7 +46,7 @@ def queue_of(gpu: GpuClass) -> str:
 
 
 def plan_job(settings: Settings, spec: JobSpec, *, token_stats: dict | None,
-             n_examples: int | None, config: dict | None = None) -> Plan:
+             n_examples: int | None, config: dict | None = None, text_data: bool = False) -> Plan:
     """The job's plan for the configured classes (without any: the default GPU classes and this CPU, for information).
 
     `config` is the model's config.json when the caller has read it already; otherwise it is read here.
@@ -58,10 +58,12 @@ def plan_job(settings: Settings, spec: JobSpec, *, token_stats: dict | None,
             raise InvalidRequest(exc.message, param="model", code="model_not_found") from None
     classes = configured_classes(settings) or default_gpu_classes()
     try:
-        return make_plan(config, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes)
+        return make_plan(config, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes,
+                         text_data=text_data)
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # a config.json the planner misreads
         log.warning("planning failed; the job is planned as an unknown model", exc_info=True)
-        plan = make_plan({}, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes)
+        plan = make_plan({}, spec, token_stats=token_stats, n_examples=n_examples, gpu_classes=classes,
+                         text_data=text_data)
         plan.model_type = config.get("model_type") or ""
         plan.notes.append(f"The planner could not read this model's config.json ({type(exc).__name__}: {exc}).")
         return plan

@@ -99,7 +99,8 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
     # chat template refused the file (that job needs another chat_template; its rows are planned at full length).
     borrowed = borrowed_token_stats(by_model) if stats is None and refused is None else None
     made = routing.plan_job(settings, spec, token_stats=stats or borrowed, config=config,
-                            n_examples=training_examples(spec, training_file, separate_validation=separate_validation))
+                            n_examples=training_examples(spec, training_file, separate_validation=separate_validation),
+                            text_data=(training_file.report or {}).get("format") == "text")
     if refused:
         made.notes.append(f"The training file's tokens could not be counted: {refused}")
     if borrowed:

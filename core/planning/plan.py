@@ -61,6 +61,8 @@ class Plan(BaseModel):
     tokens_per_example: float | None = Field(None, description="Mean tokens of an example after truncation")
     longest_example: int = Field(description="Tokens of the longest example after truncation: memory plans for it")
     n_examples: int | None = Field(None, description="Training examples")
+    replayed_examples: int = Field(0, description="General replay's answers planned beside them, at most (answers "
+                                                  "the base does not finish within 128 tokens are left out)")
     n_epochs: int
     batch_size: int
     training_tokens: int | None = Field(None, description="Tokens processed over all epochs")
@@ -88,6 +90,10 @@ def example_lengths(spec: JobSpec, token_stats: dict | None) -> Lengths:
     return Lengths(min(limit, int(token_stats["max"])), min(limit, float(token_stats["mean"])),
                    min(limit, float(token_stats.get("p95") or token_stats["max"])))
 
+
+# A replayed general answer's row: prompt, chat template and an answer of at most 128 new tokens
+# (worker/training/replay.py). SmolLM2-135M's averaged 85 tokens with its default system prompt.
+REPLAY_ROW_TOKENS = 96
 
 # Tokenizers of the families the catalogue holds count the same English text within about a fifth of each other
 # (Llama 2's 32k vocabulary against Llama 3's 128k); a file counted with another model's tokenizer is planned a
@@ -248,27 +254,29 @@ def _notes(shape: ModelShape, spec: JobSpec, hp: ResolvedHyperparameters, length
 
 
 def make_plan(config: dict, spec: JobSpec, *, token_stats: dict | None = None, n_examples: int | None = None,
-              gpu_classes: list[GpuClass] | None = None) -> Plan:
+              gpu_classes: list[GpuClass] | None = None, text_data: bool = False) -> Plan:
     """The plan of `spec` on the model of `config` (a `config.json` dict) for each GPU class.
 
     `token_stats` is the training file's report entry for this model (`report["token_stats"][model]`);
     `n_examples` the examples trained on (after the validation split), by default the statistics' count.
     Quantization `auto` is resolved here: the plan's `quantization` is the one chosen, and a note says why.
+    General replay's answers count in the steps and tokens, except for `text_data` (which is never replayed).
     """
     gpu_classes = gpu_classes if gpu_classes is not None else default_gpu_classes()
     if spec.quantization != "auto":
-        return _make_plan(config, spec, token_stats, n_examples, gpu_classes)
-    return _resolve_quantization(config, spec, token_stats, n_examples, gpu_classes)
+        return _make_plan(config, spec, token_stats, n_examples, gpu_classes, text_data)
+    return _resolve_quantization(config, spec, token_stats, n_examples, gpu_classes, text_data)
 
 
 def _resolve_quantization(config: dict, spec: JobSpec, token_stats: dict | None, n_examples: int | None,
-                          gpu_classes: list[GpuClass]) -> Plan:
+                          gpu_classes: list[GpuClass], text_data: bool) -> Plan:
     """`auto`: LoRA on the 16-bit base wherever that fits a class, 4-bit NF4 (QLoRA) only where it fits nowhere.
 
     The adapter is served on the full-precision base; trained over a 4-bit base it also learns that base's rounding,
     which costs held-out quality where it is served (docs/job-spec.md). On a GPU the 16-bit base is faster too.
     """
-    plain = _make_plan(config, spec.model_copy(update={"quantization": "none"}), token_stats, n_examples, gpu_classes)
+    plain = _make_plan(config, spec.model_copy(update={"quantization": "none"}), token_stats, n_examples, gpu_classes,
+                       text_data)
     roomy = next((c for c in _routing_order(plain.classes)
                   if c.fits and c.memory.peak <= (1 - AUTO_HEADROOM) * c.memory_gib * GIB), None)
     if roomy is not None:
@@ -280,7 +288,7 @@ def _resolve_quantization(config: dict, spec: JobSpec, token_stats: dict | None,
         plain.notes.insert(0, "quantization 'auto' chose 'none': this architecture cannot be held in 4 bits.")
         return plain
     quantized = _make_plan(config, spec.model_copy(update={"quantization": "nf4"}), token_stats, n_examples,
-                           gpu_classes)
+                           gpu_classes, text_data)
     why = "the model's memory is unknown" if all(c.fits is None for c in plain.classes) else \
         f"the 16-bit base fits no configured class with {AUTO_HEADROOM * 100:g} % of its memory to spare"
     quantized.notes.insert(0, f"quantization 'auto' chose 'nf4' (QLoRA): {why}.")
@@ -288,26 +296,30 @@ def _resolve_quantization(config: dict, spec: JobSpec, token_stats: dict | None,
 
 
 def _make_plan(config: dict, spec: JobSpec, token_stats: dict | None, n_examples: int | None,
-               gpu_classes: list[GpuClass]) -> Plan:
+               gpu_classes: list[GpuClass], text_data: bool) -> Plan:
     lengths = example_lengths(spec, token_stats)
     if n_examples is None and token_stats and token_stats.get("count"):
         n_examples = int(token_stats["count"])
     hp = _hyperparameters(spec, n_examples, config)
     training_tokens = steps = None
+    replayed = 0 if text_data or n_examples is None else hp.general_replay
     if n_examples is not None:
-        steps = hp.n_epochs * math.ceil(n_examples / hp.batch_size)
+        steps = hp.n_epochs * math.ceil((n_examples + replayed) / hp.batch_size)
         if lengths.mean is not None:
-            training_tokens = round(hp.n_epochs * n_examples * lengths.mean)
+            replay_tokens = replayed * min(spec.max_seq_length, REPLAY_ROW_TOKENS)
+            training_tokens = round(hp.n_epochs * (n_examples * lengths.mean + replay_tokens))
     common = dict(model=spec.model, quantization=spec.quantization, max_seq_length=spec.max_seq_length,
                   tokens_per_example=lengths.mean, longest_example=lengths.longest, n_examples=n_examples,
-                  n_epochs=hp.n_epochs, batch_size=hp.batch_size, training_tokens=training_tokens, steps=steps)
+                  replayed_examples=replayed, n_epochs=hp.n_epochs, batch_size=hp.batch_size,
+                  training_tokens=training_tokens, steps=steps)
     try:
         shape = model_shape(config)
     except UnsupportedModel as exc:
         model_type = config.get("model_type") or ""
         unknown = [ClassPlan(name=g.name, device=g.device, memory_gib=g.memory_gib, fits=None) for g in gpu_classes]
         return Plan(model_type=model_type, trainable_parameters=None, total_parameters=None, trainable_percent=None,
-                    classes=unknown, smallest_fitting_class=None, notes=[f"{exc}: no counts, memory or fit."],
+                    classes=unknown, smallest_fitting_class=None,
+                    notes=[f"{exc}: no counts, memory or fit.", *_replay_notes(replayed, n_examples)],
                     **common)
     adapter = adapter_counts(shape, config, spec.lora)
     total = shape.base_parameters + adapter.parameters
@@ -319,5 +331,13 @@ def _make_plan(config: dict, spec: JobSpec, token_stats: dict | None, n_examples
         adapted_modules=list(adapter.names), adapted_layers=adapter.modules, classes=classes,
         smallest_fitting_class=best.name if best else None,
         advice=[] if best or not classes else _advice(config, spec, shape, hp, lengths, gpu_classes),
-        notes=_notes(shape, spec, hp, lengths, classes), **common,
+        notes=_notes(shape, spec, hp, lengths, classes) + _replay_notes(replayed, n_examples), **common,
     )
+
+
+def _replay_notes(replayed: int, n_examples: int | None) -> list[str]:
+    if not replayed:
+        return []
+    return [f"General replay: up to {replayed} answers of the base to built-in general prompts train beside the "
+            f"{n_examples} examples every epoch (docs/job-spec.md); the steps and tokens count them, the duration "
+            f"not the base's answering them before training."]

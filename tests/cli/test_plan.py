@@ -33,7 +33,9 @@ def test_a_bare_config_gets_a_table_with_counts_fit_and_duration(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "Llama-2-7b-hf (llama): 4,194,304 trainable of 6,742,609,920 parameters (0.0622 %)" in out
-    assert "LoRA, 16-bit base (bf16 or fp32 on a CPU, as measured); max_seq_length 512, batch 16, 3 epochs, 1,800,000 tokens, 375 steps" in out
+    # 2,000 examples and general replay's 64 answers (96 tokens each, planned), in batches of 16
+    assert ("LoRA, 16-bit base (bf16 or fp32 on a CPU, as measured); max_seq_length 512, batch 16, 3 epochs of "
+            "2,000 examples and up to 64 replayed general answers, 1,818,432 tokens, 387 steps") in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("gpu-")}
     assert set(rows) == {"gpu-24g", "gpu-48g", "gpu-80g"}
     assert rows["gpu-24g"][2] == "yes" and rows["gpu-24g"][-1] in ("min", "h")  # a duration, e.g. "38.2 min"

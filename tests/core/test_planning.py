@@ -257,8 +257,15 @@ def test_token_statistics_give_tokens_steps_and_a_duration_per_class():
                      n_examples=900, gpu_classes=GPUS)
     # resolve_auto's rules for 900 examples: 3 epochs would train fewer than 3,000 examples, so 4
     assert (plan.n_epochs, plan.batch_size) == (4, 8)
-    assert plan.steps == 4 * 113
-    assert plan.training_tokens == 4 * 900 * 350
+    # general replay's 64 answers train beside the 900 chats every epoch (planned at 96 tokens each)
+    assert plan.replayed_examples == 64 and plan.steps == 4 * 121
+    assert plan.training_tokens == 4 * (900 * 350 + 64 * 96)
+    assert ("General replay: up to 64 answers of the base to built-in general prompts train beside the 900 examples "
+            "every epoch") in plan.notes[-1]
+    text = make_plan(LLAMA_2_7B, JobSpec(model="llama-2-7b", max_seq_length=1024), token_stats=stats,
+                     n_examples=900, gpu_classes=GPUS, text_data=True)  # text is never replayed
+    assert (text.replayed_examples, text.steps, text.training_tokens) == (0, 4 * 113, 4 * 900 * 350)
+    assert not any("replay" in note for note in text.notes)
     assert plan.longest_example == 1024  # the 1,500-token example is truncated
     durations = [c.duration_seconds for c in plan.classes]
     assert all(d > 0 for d in durations)

@@ -176,3 +176,19 @@ def test_a_job_waiting_for_its_file_is_routed_once_validated_and_fails_if_it_fit
         api.stop()
     assert failed.status == "failed" and failed.error.code == "does_not_fit"
     assert "gpu-small" in failed.error.message
+
+
+def test_a_dry_run_counts_general_replay_in_the_steps_of_chat_data_and_not_of_text(openai_client, http):
+    chats = processed_file(openai_client, support_dataset(80))
+    texts = processed_file(openai_client, b"".join(
+        b'{"text": "Ferry note %d: the boat leaves pier %d at %d o\'clock."}\n' % (i, i % 5, i % 12 + 1)
+        for i in range(80)))
+    body = {**BODY, "hyperparameters": {"n_epochs": 2, "batch_size": 8}, "dry_run": True}
+    chat_plan = http.post("fine_tuning/jobs", json={**body, "training_file": chats}).json()
+    # 80 chats less the 10 % held out: 72 trained, and the auto rule replays 72 // 8 = 9 of the base's answers
+    assert (chat_plan["n_examples"], chat_plan["replayed_examples"]) == (72, 9)
+    assert chat_plan["steps"] == 2 * math.ceil((72 + 9) / 8)
+    assert any(note.startswith("General replay: up to 9 answers of the base") for note in chat_plan["notes"])
+    text_plan = http.post("fine_tuning/jobs", json={**body, "training_file": texts}).json()
+    assert (text_plan["n_examples"], text_plan["replayed_examples"]) == (72, 0)
+    assert text_plan["steps"] == 2 * 9 and not any("replay" in note for note in text_plan["notes"])
