@@ -361,6 +361,10 @@ def plan_view(plan: dict | None, placement: dict | None = None, *, unserved: str
         summary = f"No counts for model type '{plan.get('model_type') or 'unknown'}'."
     data = (f"quantization {plan['quantization']}, max_seq_length {plan['max_seq_length']}, batch {plan['batch_size']}, "
             f"{plan['n_epochs']} epochs")
+    if plan.get("n_examples") is not None:
+        data += f" of {plan['n_examples']:,} examples"
+        if plan.get("replayed_examples"):
+            data += f" and up to {plan['replayed_examples']} replayed general answers"
     if plan.get("training_tokens") is not None:
         data += f", {plan['training_tokens']:,} tokens in {plan['steps']:,} steps"
     rows = []

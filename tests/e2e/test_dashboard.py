@@ -218,6 +218,7 @@ def test_check_the_plan_before_creating_and_see_it_on_the_job_page(stack, settin
     # r=4 on every linear layer (the default) of 2 layers: 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192), exactly.
     expect(plan).to_contain_text(re.compile(r"8,192 trainable of [\d,]+ parameters"))
     expect(plan.locator("tr", has_text="cpu")).to_contain_text("yes")
+    expect(plan).to_contain_text("1 epochs of 22 examples")  # 24 less the 10 % held out; too few to replay
     expect(plan).to_contain_text("Smallest class that fits: gpu-24g")
     expect(page.get_by_label("LoRA rank r")).to_have_value("4")  # the form keeps what was typed
     screenshot(page, "new-job-plan", DESKTOP)
