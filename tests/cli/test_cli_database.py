@@ -4,10 +4,8 @@ not, they say where they looked and what to do, and leave nothing behind."""
 import os
 import subprocess
 import sys
-import uuid
 
-from sqlalchemy import create_engine, text
-
+from tests.helpers.database import empty_database
 from tests.stack import ROOT
 
 
@@ -32,12 +30,7 @@ def test_run_outside_the_embedded_services_folder_the_cli_says_where_it_looked(t
 
 
 def test_an_unmigrated_postgresql_database_asks_for_lorajobs_migrate(pg_url, tmp_path):
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    name = f"lorajobs_cli_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with empty_database(pg_url, "lorajobs_cli") as url:
         refused = lorajobs_in(tmp_path, "keys", "create", "--project", "ferries", LORAJOBS_DATABASE_URL=url)
         assert refused.returncode == 1
         assert refused.stdout + refused.stderr == (f"lorajobs: the database {url} holds no lorajobs schema: run "
@@ -45,7 +38,3 @@ def test_an_unmigrated_postgresql_database_asks_for_lorajobs_migrate(pg_url, tmp
         assert lorajobs_in(tmp_path, "migrate", LORAJOBS_DATABASE_URL=url).returncode == 0
         created = lorajobs_in(tmp_path, "keys", "create", "--project", "ferries", LORAJOBS_DATABASE_URL=url)
         assert created.returncode == 0 and created.stdout.startswith("lj-"), created.stdout + created.stderr
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

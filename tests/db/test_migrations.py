@@ -1,11 +1,11 @@
 """Alembic is the only thing that builds the schema, on PostgreSQL and SQLite alike."""
 
-import uuid
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 
 from db.migrate import downgrade, upgrade
 from db.models import Base
+from tests.helpers.database import empty_database
 
 TABLES = {"projects", "api_keys", "dashboard_sessions", "files", "fine_tuning_jobs", "job_events", "checkpoints", "workers", "catalogue_models"}
 
@@ -28,21 +28,12 @@ def _roundtrip(url: str) -> None:
 
 
 def test_upgrade_downgrade_upgrade_on_postgresql(pg_url):
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    name = f"lorajobs_migrations_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with empty_database(pg_url, "lorajobs_migrations") as url:
         _roundtrip(url)
         engine = create_engine(url)
         indexes = {ix["name"] for ix in inspect(engine).get_indexes("fine_tuning_jobs")}
         engine.dispose()
         assert {"ix_jobs_project_seq", "ix_jobs_status_lease"} <= indexes
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_upgrade_downgrade_upgrade_on_sqlite(tmp_path):
