@@ -5,8 +5,11 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.catalogue import PROVENANCE_FILE, resolve_model
@@ -102,7 +105,6 @@ def ensure_model(settings, storage, model_id: str) -> str | None:
     """Make a model of the deployment's catalogue a local folder under `models_dir`, once: each file downloaded and
     checked against its sha256. Returns what it did, for the job's events, or None when there was nothing to do (a
     cached copy, a local folder, or a hub id)."""
-    from core.archives import sha256_file
     from db import catalogue
     from db.session import transaction
 
@@ -126,13 +128,7 @@ def ensure_model(settings, storage, model_id: str) -> str | None:
     started = time.monotonic()
     staging = settings.models_dir / ".staging" / uuid.uuid4().hex
     try:
-        for entry in files:
-            path = staging / entry["path"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            storage.download_to(catalogue.blob_key(entry["sha256"]), path)
-            if sha256_file(path) != entry["sha256"]:
-                raise StorageError(f"{model_id}/{entry['path']} downloaded from object storage does not match its "
-                                   f"sha256 {entry['sha256'][:12]}…: the stored object is damaged; add the model again.")
+        _download(storage, model_id, files, staging)
         _write_marker(staging, files)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # an older copy (the model was added again) or another process's download
@@ -149,6 +145,48 @@ def ensure_model(settings, storage, model_id: str) -> str | None:
     said = (f"Downloaded {model_id} from the catalogue: {len(files)} files, {size / 1024**2:.1f} MiB, every sha256 "
             f"verified, in {time.monotonic() - started:.1f} s")
     return said + (f"; evicted {', '.join(evicted)} to stay within LORAJOBS_MODEL_CACHE_GIB" if evicted else "")
+
+
+def _download(storage, model_id: str, files: list[dict], folder: Path) -> None:
+    """The catalogue's `files` of a model into `folder`, each checked against its sha256."""
+    from core.archives import sha256_file
+    from db import catalogue
+
+    for entry in files:
+        path = folder / entry["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.download_to(catalogue.blob_key(entry["sha256"]), path)
+        if sha256_file(path) != entry["sha256"]:
+            raise StorageError(f"{model_id}/{entry['path']} downloaded from object storage does not match its "
+                               f"sha256 {entry['sha256'][:12]}…: the stored object is damaged; add the model again.")
+
+
+# What a model folder's weights are in: every other file (config, tokenizer, chat template, generation config) is
+# what loading its tokenizer may read.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".pkl")
+
+
+@contextmanager
+def tokenizer_models_dir(settings, storage, model_id: str) -> Iterator[Path]:
+    """A models folder from which `model_id`'s tokenizer loads: `models_dir` where this host has the model (a local
+    folder or a downloaded copy), else a temporary one holding the catalogue's files less the weights (a 70B model's
+    tokenizer is a few MB of its 140 GB), each checked against its sha256. A dataset worker counts tokens for every
+    model of the deployment's catalogue this way, without ever downloading one to train."""
+    from db import catalogue
+    from db.session import transaction
+
+    if (settings.models_dir / model_id / "config.json").is_file():
+        yield settings.models_dir
+        return
+    with transaction(settings.database_url) as session:
+        entry = catalogue.get(session, model_id)
+        files = [f for f in entry.files if not f["path"].endswith(WEIGHT_SUFFIXES)] if entry is not None else None
+    if files is None:
+        yield settings.models_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="lorajobs-tokenizer-") as tmp:
+        _download(storage, model_id, files, Path(tmp) / model_id)
+        yield Path(tmp)
 
 
 def evict_models(models_dir: Path, limit_bytes: int, *, keep: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 import logging
 
-from core.catalogue import list_models
 from core.datasets.report import ValidationReport
 from core.datasets.tokens import TokenCount, token_statistics
 from core.datasets.validate import iter_examples, validate_jsonl
@@ -41,16 +40,22 @@ def _tracking_lines(examples, where: dict):
 def add_token_stats(report: ValidationReport, settings: Settings, storage: Storage, key: str) -> ValidationReport:
     """Token statistics for every catalogue model, at the job spec's default max_seq_length and chat template.
 
-    Each model counts on its own: one whose tokenizer or template cannot format the data gets a warning in the
-    report, and the others still count.
+    Every model of the deployment's catalogue counts, not only those this host has downloaded: a model's tokenizer
+    comes without its weights (`tokenizer_models_dir`). Each model counts on its own: one whose tokenizer or
+    template cannot format the data gets a warning in the report, and the others still count.
     """
+    from db import catalogue
+    from worker.catalogue import tokenizer_models_dir
     from worker.training import load_tokenizer
 
     max_seq_length = JobSpec.model_fields["max_seq_length"].default
-    for model in list_models(settings.models_dir):
+    with transaction(settings.database_url) as session:
+        models = catalogue.list_all(session, settings.models_dir)
+    for model in models:
         where: dict = {"line": None}
         try:
-            tokenizer = load_tokenizer(model.id, settings.models_dir)
+            with tokenizer_models_dir(settings, storage, model.id) as models_dir:
+                tokenizer = load_tokenizer(model.id, models_dir)
             with storage.open(key) as stream:
                 stats = token_statistics(_tracking_lines(iter_examples(stream), where), model=model.id,
                                          max_seq_length=max_seq_length, count=token_counter(tokenizer, max_seq_length))

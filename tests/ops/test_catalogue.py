@@ -74,6 +74,8 @@ def test_a_worker_downloads_and_verifies_on_first_use_and_stays_within_its_bound
     with pytest.raises(StorageError, match="config.json downloaded from object storage does not match its sha256"):
         ensure_model(mine, storage, "ops/damaged")
     assert not (mine.models_dir / "ops/damaged").exists() and not any((mine.models_dir / ".staging").iterdir())
+    with transaction(settings.database_url) as session:  # the session's other tests share this catalogue
+        session.delete(catalogue.get(session, "ops/damaged"))
 
     # Past the bound the least recently used download goes; one used in the last minutes stays.
     size = sum(f.stat().st_size for f in (mine.models_dir / "ops/cached").iterdir())
@@ -119,6 +121,10 @@ def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, mod
     listed = httpx.get(api.url + "/v1/models", headers={"Authorization": f"Bearer {key.key}"}).json()["data"]
     assert "shared/tiny" in [m["id"] for m in listed]  # from the database: the API has no model folder
     training_file = processed_file(client, support_dataset(12))
+    # The dataset worker has no model folder either: it counted the file's tokens with the catalogue's tokenizer,
+    # fetched without the weights (nothing is left in its models folder, asserted at the end).
+    stats = client.get(f"/files/{training_file}/report", cast_to=object)["report"]["token_stats"]
+    assert stats["shared/tiny"]["count"] == 12 and stats["shared/tiny"]["max"] > 0
 
     for host in ("host-a", "host-b"):
         models, work = tmp_path / host / "models", tmp_path / host / "work"

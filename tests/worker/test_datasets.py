@@ -9,6 +9,7 @@ from core.datasets.validate import validate_jsonl
 from core.settings import Settings
 from core.storage import get_storage
 from db.lifecycle import cannot_format, plan
+from db.migrate import upgrade
 from db.models import File
 from tests.helpers.tiny_model import retail_chat_records
 from tests.worker.conftest import TINY, tiny_spec
@@ -28,7 +29,9 @@ def counted(models_dir, tmp_path):
     config.pop("chat_template", None)
     config_file.write_text(json.dumps(config))
     (refusing / "chat_template.jinja").write_text("{{ raise_exception('this template takes no chats') }}")
-    settings = Settings(models_dir=catalogue, data_dir=tmp_path / "var")
+    settings = Settings(models_dir=catalogue, data_dir=tmp_path / "var",
+                        database_url=f"sqlite:///{tmp_path / 'lorajobs.db'}")  # the deployment's catalogue: empty
+    upgrade(settings.database_url)
     storage = get_storage(settings)
     data = "".join(json.dumps(r) + "\n" for r in retail_chat_records(12)).encode()
     storage.put_bytes("train.jsonl", data)
