@@ -18,7 +18,8 @@ def test_a_dataset_gone_from_storage_fails_dataset_missing(settings):
         key = f"projects/{_project_of(stack, training_file)}/files/{training_file}"
         get_storage(stack.settings).delete(key)
         job = stack.job(training_file)
-        done = wait_status(stack.client, job.id, timeout=120)
+        # 240 s, as for the other jobs: the worker's first claim waits on its start (torch's import), slow on a loaded host
+        done = wait_status(stack.client, job.id, timeout=240)
         assert done.status == "failed"
         assert done.error.code == "dataset_missing"
         assert done.error.param == "training_file"
