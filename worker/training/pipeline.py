@@ -240,11 +240,16 @@ def general_replay(spec: JobSpec, hp: ResolvedHyperparameters, base, tokenizer, 
     A resumed job trains on those stored with its checkpoint. A 4-bit base on the CPU is not asked (no inference on
     a 4-bit model before training it there, DESIGN.md): the full-precision base, the one the adapter is served on,
     answers instead, in float32 (fast on every CPU). Failing to generate (an architecture's `generate`, memory) is a
-    warning, as for the held-out answers: the job trains without replay rather than fail before its first step.
+    warning, as for the held-out answers: the job trains without replay rather than fail before its first step. So is
+    a stored replay that cannot be read: the base answers anew.
     """
     if not hp.general_replay:
         return None
-    replay = Replay.load(resume_from, hp.general_replay)
+    try:
+        replay = Replay.load(resume_from, hp.general_replay)
+    except (ValueError, OSError) as exc:  # a damaged checkpoint file: answer anew rather than fail the job
+        hooks.event("warn", f"General replay: {exc}; the base answers its prompts anew."[:500])
+        replay = None
     if replay is None:
         try:
             if device == "cpu" and spec.quantization != "none":

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.datasets.formats import Example, Turn
+from core.datasets.formats import Example, Turn, to_example
 from core.general import REPLAY_PROMPTS
 from worker.training.answers import GENERATION_BATCH, HeldOutPrompt, generate_finished
 from worker.training.evaluate import eval_mode
@@ -55,17 +55,20 @@ class Replay:
     @classmethod
     def load(cls, folder: Path | None, asked: int) -> "Replay | None":
         """The replay stored in a checkpoint `folder` for `asked` prompts; None when it holds none (a checkpoint of a
-        job without replay, or of a version before replay was stored) or one for another count of prompts."""
+        job without replay, or of a version before replay was stored) or one for another count of prompts. A file
+        that cannot be read raises `ValueError` (or `OSError`), saying which."""
         path = Path(folder) / REPLAY_FILE if folder is not None else None
         if path is None or not path.is_file():
             return None
-        record = json.loads(path.read_text())
-        if record["asked"] != asked:
-            return None
-        examples = [Example("chat", (Turn("user", chat["messages"][0]["content"], False),
-                                     Turn("assistant", chat["messages"][1]["content"], True)))
-                    for chat in record["chats"]]
-        return cls(examples, record["asked"], record["seconds"], stored=True)
+        try:
+            record = json.loads(path.read_text())
+            if record["asked"] != asked:
+                return None
+            examples = [to_example(chat, "chat") for chat in record["chats"]]
+            return cls(examples, record["asked"], record["seconds"], stored=True)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"the replay stored with the checkpoint ({REPLAY_FILE}) cannot be read: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
 
 def is_chat_data(examples: list[Example]) -> bool:

@@ -94,6 +94,19 @@ def test_a_resumed_job_trains_on_the_replay_stored_with_its_checkpoint(models_di
     assert not any(m.startswith("General replay: the base answered") for m in events)  # nothing generated anew
     assert any(m.startswith(f"Training 20 examples and {kept} replayed general answers") for m in events)
 
+    # A stored replay damaged on its way (a truncated copy) is not a failed job: the base answers anew, the same.
+    checkpoint = tmp_path / "cut" / "checkpoints" / "checkpoint-4"
+    (checkpoint / REPLAY_FILE).write_text('{"asked": 8, "seconds": 1.5, "chats": [{"messa')
+    events = []
+    again = train(spec, train_file, None, tmp_path / "again", TrainingHooks(on_event=lambda l, m: events.append((l, m))),
+                  models_dir=models_dir, resume_from=checkpoint)
+    assert again.status == "succeeded" and again.total_steps == cut.total_steps
+    [warning] = [m for level, m in events if level == "warn"]
+    assert warning.startswith(f"General replay: the replay stored with the checkpoint ({REPLAY_FILE}) cannot be "
+                              f"read: JSONDecodeError: ")
+    assert warning.endswith("; the base answers its prompts anew.")
+    assert any(m.startswith("General replay: the base answered 8 built-in general prompts") for _, m in events)
+
 
 def test_a_replay_that_fails_to_generate_is_a_warning_and_the_job_trains_on_its_data(models_dir, tmp_path,
                                                                                      monkeypatch):
