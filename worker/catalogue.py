@@ -5,11 +5,8 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from core.catalogue import PROVENANCE_FILE, resolve_model
@@ -126,7 +123,18 @@ def ensure_model(settings, storage, model_id: str) -> str | None:
             raise StorageError(f"{target} is a local folder that is not the catalogue's {model_id} (its files differ); "
                                "move it away so the worker can download the catalogue's.")
     started = time.monotonic()
-    staging = settings.models_dir / ".staging" / uuid.uuid4().hex
+    _install(settings.models_dir, storage, model_id, files, target)
+    evicted = evict_models(settings.models_dir, int(settings.model_cache_gib * 1024**3), keep=model_id)
+    size = sum(f["bytes"] for f in files)
+    said = (f"Downloaded {model_id} from the catalogue: {len(files)} files, {size / 1024**2:.1f} MiB, every sha256 "
+            f"verified, in {time.monotonic() - started:.1f} s")
+    return said + (f"; evicted {', '.join(evicted)} to stay within LORAJOBS_MODEL_CACHE_GIB" if evicted else "")
+
+
+def _install(models_dir: Path, storage, model_id: str, files: list[dict], target: Path) -> None:
+    """Download `files` into a staging folder under `models_dir` and rename it, with its cache marker, into `target`
+    whole: an interrupted download never leaves a half folder where a loader looks."""
+    staging = models_dir / ".staging" / uuid.uuid4().hex
     try:
         _download(storage, model_id, files, staging)
         _write_marker(staging, files)
@@ -140,11 +148,6 @@ def ensure_model(settings, storage, model_id: str) -> str | None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    evicted = evict_models(settings.models_dir, int(settings.model_cache_gib * 1024**3), keep=model_id)
-    size = sum(f["bytes"] for f in files)
-    said = (f"Downloaded {model_id} from the catalogue: {len(files)} files, {size / 1024**2:.1f} MiB, every sha256 "
-            f"verified, in {time.monotonic() - started:.1f} s")
-    return said + (f"; evicted {', '.join(evicted)} to stay within LORAJOBS_MODEL_CACHE_GIB" if evicted else "")
 
 
 def _download(storage, model_id: str, files: list[dict], folder: Path) -> None:
@@ -166,27 +169,31 @@ def _download(storage, model_id: str, files: list[dict], folder: Path) -> None:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".pkl")
 
 
-@contextmanager
-def tokenizer_models_dir(settings, storage, model_id: str) -> Iterator[Path]:
+TOKENIZERS_DIR = ".tokenizers"  # under models_dir: catalogue models' files less the weights, for counting tokens
+
+
+def tokenizer_models_dir(settings, storage, model_id: str) -> Path:
     """A models folder from which `model_id`'s tokenizer loads: `models_dir` where this host has the model (a local
-    folder or a downloaded copy), else a temporary one holding the catalogue's files less the weights (a 70B model's
-    tokenizer is a few MB of its 140 GB), each checked against its sha256. A dataset worker counts tokens for every
-    model of the deployment's catalogue this way, without ever downloading one to train."""
+    folder or a downloaded copy), else `models_dir/.tokenizers`, holding the catalogue's files less the weights (a 70B
+    model's tokenizer is a few MB of its 140 GB), each checked against its sha256, downloaded once and again only when
+    the model is added anew with other files. A dataset worker counts tokens for every model of the deployment's
+    catalogue this way, without ever downloading one to train; the hidden folder is neither listed as a model nor
+    evicted."""
     from db import catalogue
     from db.session import transaction
 
     if (settings.models_dir / model_id / "config.json").is_file():
-        yield settings.models_dir
-        return
+        return settings.models_dir
     with transaction(settings.database_url) as session:
         entry = catalogue.get(session, model_id)
-        files = [f for f in entry.files if not f["path"].endswith(WEIGHT_SUFFIXES)] if entry is not None else None
+        files = sorted((f for f in entry.files if not f["path"].endswith(WEIGHT_SUFFIXES)),
+                       key=lambda f: f["path"]) if entry is not None else None
     if files is None:
-        yield settings.models_dir
-        return
-    with tempfile.TemporaryDirectory(prefix="lorajobs-tokenizer-") as tmp:
-        _download(storage, model_id, files, Path(tmp) / model_id)
-        yield Path(tmp)
+        return settings.models_dir
+    root = settings.models_dir / TOKENIZERS_DIR
+    if _read_marker(root / model_id).get("files") != files:
+        _install(settings.models_dir, storage, model_id, files, root / model_id)
+    return root
 
 
 def evict_models(models_dir: Path, limit_bytes: int, *, keep: str) -> list[str]:

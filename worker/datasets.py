@@ -54,8 +54,7 @@ def add_token_stats(report: ValidationReport, settings: Settings, storage: Stora
     for model in models:
         where: dict = {"line": None}
         try:
-            with tokenizer_models_dir(settings, storage, model.id) as models_dir:
-                tokenizer = load_tokenizer(model.id, models_dir)
+            tokenizer = load_tokenizer(model.id, tokenizer_models_dir(settings, storage, model.id))
             with storage.open(key) as stream:
                 stats = token_statistics(_tracking_lines(iter_examples(stream), where), model=model.id,
                                          max_seq_length=max_seq_length, count=token_counter(tokenizer, max_seq_length))

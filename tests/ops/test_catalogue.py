@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from cli.main import main as lorajobs
+from core.catalogue import list_models
 from core.errors import StorageError
 from core.storage import get_storage
 from db import catalogue
@@ -23,7 +24,7 @@ from db.session import transaction
 from tests.conftest import TEST_OUTPUT, TINY_MODEL_ID, make_project_key
 from tests.e2e.jobs_helpers import all_events, processed_file, support_dataset, wait_status
 from tests.stack import ApiServer, WorkerProcess
-from worker.catalogue import CACHE_MARKER, ensure_model, evict_models
+from worker.catalogue import CACHE_MARKER, TOKENIZERS_DIR, WEIGHT_SUFFIXES, ensure_model, evict_models
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -122,9 +123,18 @@ def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, mod
     assert "shared/tiny" in [m["id"] for m in listed]  # from the database: the API has no model folder
     training_file = processed_file(client, support_dataset(12))
     # The dataset worker has no model folder either: it counted the file's tokens with the catalogue's tokenizer,
-    # fetched without the weights (nothing is left in its models folder, asserted at the end).
+    # fetched without the weights into its hidden tokenizer folder, once: a second file counts from it.
     stats = client.get(f"/files/{training_file}/report", cast_to=object)["report"]["token_stats"]
     assert stats["shared/tiny"]["count"] == 12 and stats["shared/tiny"]["max"] > 0
+    tokenizer_folder = settings.models_dir / TOKENIZERS_DIR / "shared/tiny"
+    fetched = {path.name: path.stat().st_mtime_ns for path in tokenizer_folder.iterdir() if path.name != CACHE_MARKER}
+    assert "tokenizer.json" in fetched and "config.json" in fetched
+    assert not [name for name in fetched if name.endswith(WEIGHT_SUFFIXES)]
+    second = processed_file(client, support_dataset(10))
+    assert client.get(f"/files/{second}/report", cast_to=object)["report"]["token_stats"]["shared/tiny"]["count"] == 10
+    assert {path.name: path.stat().st_mtime_ns for path in tokenizer_folder.iterdir()
+            if path.name != CACHE_MARKER} == fetched  # not downloaded again
+    assert [m.id for m in list_models(settings.models_dir)] == []  # the tokenizer folder is no model to train
 
     for host in ("host-a", "host-b"):
         models, work = tmp_path / host / "models", tmp_path / host / "work"
@@ -144,4 +154,4 @@ def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, mod
         assert len(downloaded) == 1 and "every sha256 verified" in downloaded[0]
         assert (models / "shared/tiny/config.json").is_file() and (models / "shared/tiny" / CACHE_MARKER).is_file()
         assert work.is_dir()
-    assert not (tmp_path / "api-models").exists()
+    assert not (tmp_path / "api-models" / "shared").exists()  # never a model's weights on the API and dataset host
