@@ -125,6 +125,7 @@ def spec_for(args, quantization: str):
                    micro_batch_size=args.batch_size, learning_rate=args.learning_rate, max_seq_length=args.max_seq_length,
                    warmup_ratio=0.0, lora={"r": 8, "dropout": 0.0}, seed=0, save_steps=10_000, save_total_limit=1,
                    neftune_noise_alpha=None,  # the baselines train without it: the same maths everywhere
+                   general_replay=0,  # nor on the base's replayed answers: the same rows everywhere
                    answer_samples=0, early_stopping_patience=None,  # throughput only: no sample answers,
                    validation_fraction=0.0)  # and no held-out split: it would drop rows and evaluate inside train()
 
