@@ -95,8 +95,9 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
     by_model = (training_file.report or {}).get("token_stats") or {}
     stats = by_model.get(spec.model)
     refused = cannot_format(training_file.report or {}, spec.model) if stats is None else None
-    # Another tokenizer's count stands in only for a model added after the file was validated, not for one whose
-    # chat template refused the file (that job needs another chat_template; its rows are planned at full length).
+    # Another tokenizer's count stands in only for a model the file was not counted for (added after it was validated,
+    # or its tokenizer could not be fetched then), not for one whose chat template refused the file (that job needs
+    # another chat_template; its rows are planned at full length).
     borrowed = borrowed_token_stats(by_model) if stats is None and refused is None else None
     made = routing.plan_job(settings, spec, token_stats=stats or borrowed, config=config,
                             n_examples=training_examples(spec, training_file, separate_validation=separate_validation),
@@ -105,7 +106,7 @@ def plan(settings: Settings, spec: JobSpec, training_file: File, *, separate_val
         made.notes.append(f"The training file's tokens could not be counted: {refused}")
     if borrowed:
         made.notes.append(f"The training file's tokens were not counted with {spec.model}'s tokenizer (the model was "
-                          f"added after the file was validated): the plan takes {borrowed['model']}'s count, "
+                          f"added after the file was validated, or its tokenizer could not be fetched then): the plan takes {borrowed['model']}'s count, "
                           f"{BORROWED_TOKENS_MARGIN:g}× longer; upload the file again for this model's own count.")
     if training_file.status != "processed":
         made.notes.append(f"The training file {training_file.id} is still being validated: the plan counts no "

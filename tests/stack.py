@@ -41,6 +41,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["LORAJOBS_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
     if settings.gpu_classes:
         env["LORAJOBS_GPU_CLASSES"] = settings.gpu_classes
+    if settings.work_dir:
+        env["LORAJOBS_WORK_DIR"] = str(settings.work_dir)
     return env
 
 

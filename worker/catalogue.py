@@ -98,16 +98,21 @@ def _matches(folder: Path, files: list[dict]) -> bool:
     return all((folder / f["path"]).is_file() and sha256_file(folder / f["path"]) == f["sha256"] for f in files)
 
 
-def ensure_model(settings, storage, model_id: str) -> str | None:
-    """Make a model of the deployment's catalogue a local folder under `models_dir`, once: each file downloaded and
-    checked against its sha256. Returns what it did, for the job's events, or None when there was nothing to do (a
-    cached copy, a local folder, or a hub id)."""
+def catalogue_files(settings, model_id: str) -> list[dict] | None:
+    """The files of `model_id` in the deployment's catalogue (database), by path; None for a model it lacks."""
     from db import catalogue
     from db.session import transaction
 
     with transaction(settings.database_url) as session:
         entry = catalogue.get(session, model_id)
-        files = sorted(entry.files, key=lambda f: f["path"]) if entry is not None else None
+        return sorted(entry.files, key=lambda f: f["path"]) if entry is not None else None
+
+
+def ensure_model(settings, storage, model_id: str) -> str | None:
+    """Make a model of the deployment's catalogue a local folder under `models_dir`, once: each file downloaded and
+    checked against its sha256. Returns what it did, for the job's events, or None when there was nothing to do (a
+    cached copy, a local folder, or a hub id)."""
+    files = catalogue_files(settings, model_id)
     if files is None:
         return None
     target = settings.models_dir / model_id
@@ -131,13 +136,15 @@ def ensure_model(settings, storage, model_id: str) -> str | None:
     return said + (f"; evicted {', '.join(evicted)} to stay within LORAJOBS_MODEL_CACHE_GIB" if evicted else "")
 
 
-def _install(models_dir: Path, storage, model_id: str, files: list[dict], target: Path) -> None:
-    """Download `files` into a staging folder under `models_dir` and rename it, with its cache marker, into `target`
-    whole: an interrupted download never leaves a half folder where a loader looks."""
-    staging = models_dir / ".staging" / uuid.uuid4().hex
+def _install(root: Path, storage, model_id: str, files: list[dict], target: Path) -> None:
+    """Download `files` into a staging folder under `root` (the file system of `target`) and rename it, with its cache
+    marker, into `target` whole: an interrupted download never leaves a half folder where a loader looks."""
+    staging = root / ".staging" / uuid.uuid4().hex
     try:
         _download(storage, model_id, files, staging)
         _write_marker(staging, files)
+        if _read_marker(target).get("files") == files:  # another process on this host installed it meanwhile
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # an older copy (the model was added again) or another process's download
             shutil.rmtree(target, ignore_errors=True)
@@ -166,33 +173,35 @@ def _download(storage, model_id: str, files: list[dict], folder: Path) -> None:
 
 # What a model folder's weights are in: every other file (config, tokenizer, chat template, generation config) is
 # what loading its tokenizer may read.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data",
+                   ".pkl", ".ot", ".tflite", ".npz", ".mlmodel", ".pb")
 
 
-TOKENIZERS_DIR = ".tokenizers"  # under models_dir: catalogue models' files less the weights, for counting tokens
+TOKENIZERS_FOLDER = "lorajobs-tokenizers"  # in the work root (LORAJOBS_WORK_DIR): the models folder may be read-only
+TOKENIZER_FILE_LIMIT = 128 * 1024**2  # larger than any tokenizer or config file: weights in a format not listed below
 
 
 def tokenizer_models_dir(settings, storage, model_id: str) -> Path:
     """A models folder from which `model_id`'s tokenizer loads: `models_dir` where this host has the model (a local
-    folder or a downloaded copy), else `models_dir/.tokenizers`, holding the catalogue's files less the weights (a 70B
-    model's tokenizer is a few MB of its 140 GB), each checked against its sha256, downloaded once and again only when
-    the model is added anew with other files. A dataset worker counts tokens for every model of the deployment's
-    catalogue this way, without ever downloading one to train; the hidden folder is neither listed as a model nor
-    evicted."""
-    from db import catalogue
-    from db.session import transaction
+    folder, or a downloaded copy of the catalogue's files), else `lorajobs-tokenizers` in the work root, holding the
+    catalogue's files less the weights (a 70B model's tokenizer is a few MB of its 140 GB), each checked against its
+    sha256, downloaded once and again only when the model is added anew with other files. A dataset worker counts
+    tokens for every model of the deployment's catalogue this way, without ever downloading one to train, and
+    without writing to a models folder that a deployment mounts read-only (docker-compose.yml)."""
+    from worker.gc import work_root
 
-    if (settings.models_dir / model_id / "config.json").is_file():
-        return settings.models_dir
-    with transaction(settings.database_url) as session:
-        entry = catalogue.get(session, model_id)
-        files = sorted((f for f in entry.files if not f["path"].endswith(WEIGHT_SUFFIXES)),
-                       key=lambda f: f["path"]) if entry is not None else None
+    files = catalogue_files(settings, model_id)
+    local = settings.models_dir / model_id
+    if (local / "config.json").is_file():
+        marker = _read_marker(local)
+        if files is None or not marker or marker.get("files") == files:  # a local folder, or the current download
+            return settings.models_dir
     if files is None:
         return settings.models_dir
-    root = settings.models_dir / TOKENIZERS_DIR
-    if _read_marker(root / model_id).get("files") != files:
-        _install(settings.models_dir, storage, model_id, files, root / model_id)
+    wanted = [f for f in files if not f["path"].endswith(WEIGHT_SUFFIXES) and f["bytes"] <= TOKENIZER_FILE_LIMIT]
+    root = work_root(settings) / TOKENIZERS_FOLDER
+    if _read_marker(root / model_id).get("files") != wanted:
+        _install(root, storage, model_id, wanted, root / model_id)
     return root
 
 

@@ -42,7 +42,9 @@ def add_token_stats(report: ValidationReport, settings: Settings, storage: Stora
 
     Every model of the deployment's catalogue counts, not only those this host has downloaded: a model's tokenizer
     comes without its weights (`tokenizer_models_dir`). Each model counts on its own: one whose tokenizer or
-    template cannot format the data gets a warning in the report, and the others still count.
+    template cannot format the data gets a warning in the report, and the others still count. A tokenizer that
+    cannot be fetched (object storage, disk) is no fault of the data: that model gets no count, and a job's plan
+    borrows another model's, with its note.
     """
     from db import catalogue
     from worker.catalogue import tokenizer_models_dir
@@ -54,7 +56,12 @@ def add_token_stats(report: ValidationReport, settings: Settings, storage: Stora
     for model in models:
         where: dict = {"line": None}
         try:
-            tokenizer = load_tokenizer(model.id, tokenizer_models_dir(settings, storage, model.id))
+            models_dir = tokenizer_models_dir(settings, storage, model.id)
+        except Exception:  # storage or disk, not the data: no count, and the plan borrows another model's, saying so
+            log.warning("the tokenizer of %s could not be fetched for token statistics", model.id, exc_info=True)
+            continue
+        try:
+            tokenizer = load_tokenizer(model.id, models_dir)
             with storage.open(key) as stream:
                 stats = token_statistics(_tracking_lines(iter_examples(stream), where), model=model.id,
                                          max_seq_length=max_seq_length, count=token_counter(tokenizer, max_seq_length))

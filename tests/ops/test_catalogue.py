@@ -16,7 +16,6 @@ import openai
 import pytest
 
 from cli.main import main as lorajobs
-from core.catalogue import list_models
 from core.errors import StorageError
 from core.storage import get_storage
 from db import catalogue
@@ -24,7 +23,7 @@ from db.session import transaction
 from tests.conftest import TEST_OUTPUT, TINY_MODEL_ID, make_project_key
 from tests.e2e.jobs_helpers import all_events, processed_file, support_dataset, wait_status
 from tests.stack import ApiServer, WorkerProcess
-from worker.catalogue import CACHE_MARKER, TOKENIZERS_DIR, WEIGHT_SUFFIXES, ensure_model, evict_models
+from worker.catalogue import CACHE_MARKER, TOKENIZERS_FOLDER, WEIGHT_SUFFIXES, ensure_model, evict_models
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -105,7 +104,7 @@ def test_pulling_from_a_hub_that_cannot_be_reached_says_so(tmp_path):
 def two_hosts(settings, tmp_path):
     """An API with no model folder, a broker namespace of its own and a dataset worker: the shared services."""
     mine = settings.model_copy(update={"broker_prefix": settings.broker_prefix + "hosts:",
-                                       "models_dir": tmp_path / "api-models"})
+                                       "models_dir": tmp_path / "api-models", "work_dir": tmp_path / "api-work"})
     (TEST_OUTPUT / "logs").mkdir(parents=True, exist_ok=True)
     api = ApiServer(mine).start()
     cpu = WorkerProcess(mine, "cpu", TEST_OUTPUT / "logs" / "hosts-worker-cpu.log").start()
@@ -114,7 +113,7 @@ def two_hosts(settings, tmp_path):
     api.stop()
 
 
-def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, models_dir, tmp_path, monkeypatch):
+def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, models_dir, tmp_path):
     settings, api = two_hosts
     assert lorajobs(["models", "add", "shared/tiny", str(models_dir / TINY_MODEL_ID)]) == 0
     key = make_project_key(settings)
@@ -123,10 +122,10 @@ def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, mod
     assert "shared/tiny" in [m["id"] for m in listed]  # from the database: the API has no model folder
     training_file = processed_file(client, support_dataset(12))
     # The dataset worker has no model folder either: it counted the file's tokens with the catalogue's tokenizer,
-    # fetched without the weights into its hidden tokenizer folder, once: a second file counts from it.
+    # fetched without the weights into its work folder, once: a second file counts from it.
     stats = client.get(f"/files/{training_file}/report", cast_to=object)["report"]["token_stats"]
     assert stats["shared/tiny"]["count"] == 12 and stats["shared/tiny"]["max"] > 0
-    tokenizer_folder = settings.models_dir / TOKENIZERS_DIR / "shared/tiny"
+    tokenizer_folder = settings.work_dir / TOKENIZERS_FOLDER / "shared/tiny"
     fetched = {path.name: path.stat().st_mtime_ns for path in tokenizer_folder.iterdir() if path.name != CACHE_MARKER}
     assert "tokenizer.json" in fetched and "config.json" in fetched
     assert not [name for name in fetched if name.endswith(WEIGHT_SUFFIXES)]
@@ -134,12 +133,10 @@ def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, mod
     assert client.get(f"/files/{second}/report", cast_to=object)["report"]["token_stats"]["shared/tiny"]["count"] == 10
     assert {path.name: path.stat().st_mtime_ns for path in tokenizer_folder.iterdir()
             if path.name != CACHE_MARKER} == fetched  # not downloaded again
-    assert [m.id for m in list_models(settings.models_dir)] == []  # the tokenizer folder is no model to train
 
     for host in ("host-a", "host-b"):
         models, work = tmp_path / host / "models", tmp_path / host / "work"
-        monkeypatch.setenv("LORAJOBS_WORK_DIR", str(work))
-        worker = WorkerProcess(settings.model_copy(update={"models_dir": models}), "gpu",
+        worker = WorkerProcess(settings.model_copy(update={"models_dir": models, "work_dir": work}), "gpu",
                                TEST_OUTPUT / "logs" / f"hosts-worker-{host}.log").start()
         try:
             job = client.fine_tuning.jobs.create(
@@ -154,4 +151,4 @@ def test_two_workers_on_separate_folders_train_a_model_added_once(two_hosts, mod
         assert len(downloaded) == 1 and "every sha256 verified" in downloaded[0]
         assert (models / "shared/tiny/config.json").is_file() and (models / "shared/tiny" / CACHE_MARKER).is_file()
         assert work.is_dir()
-    assert not (tmp_path / "api-models" / "shared").exists()  # never a model's weights on the API and dataset host
+    assert not (tmp_path / "api-models").exists()  # the models folder was never written, as if mounted read-only
