@@ -238,8 +238,8 @@ def general_replay(spec: JobSpec, hp: ResolvedHyperparameters, base, tokenizer, 
     says so; None when the job replays none.
 
     A resumed job trains on those stored with its checkpoint. A 4-bit base on the CPU is not asked (no inference on
-    a 4-bit model before training it there, DESIGN.md): the full-precision base, the one the adapter is served on,
-    answers instead, in float32 (fast on every CPU). Failing to generate (an architecture's `generate`, memory) is a
+    a 4-bit model before training it there, DESIGN.md): with `base` None, the full-precision base, the one the adapter
+    is served on, answers instead, in float32 (fast on every CPU). Failing to generate (an architecture's `generate`, memory) is a
     warning, as for the held-out answers: the job trains without replay rather than fail before its first step. So is
     a stored replay that cannot be read: the base answers anew.
     """
@@ -252,7 +252,7 @@ def general_replay(spec: JobSpec, hp: ResolvedHyperparameters, base, tokenizer, 
         replay = None
     if replay is None:
         try:
-            if device == "cpu" and spec.quantization != "none":
+            if base is None:
                 full_precision = load_full_precision_base(spec.model, models_dir, dtype="float32")
                 try:
                     replay = replay_examples(full_precision, tokenizer, hp.general_replay)
@@ -263,11 +263,17 @@ def general_replay(spec: JobSpec, hp: ResolvedHyperparameters, base, tokenizer, 
                 replay = replay_examples(base, tokenizer, hp.general_replay)
         except Exception as exc:
             _release()
-            hooks.event("warn", f"General replay was skipped, the job trains on its data alone: "
-                                f"{type(exc).__name__}: {exc}"[:500])
-            return None
-    hooks.event("info", replay.message())
+            # Stored with the checkpoints as skipped: a resumed attempt, maybe on a larger GPU, keeps the rows its
+            # epochs began with rather than answer anew and change the steps mid-job.
+            replay = Replay([], hp.general_replay, 0.0, skipped=f"{type(exc).__name__}: {exc}")
+    hooks.event("warn" if replay.skipped else "info", replay.message())
     return replay
+
+
+def replays_before_loading(spec: JobSpec, device: str) -> bool:
+    """A 4-bit job on the CPU replays the full-precision base's answers, loaded and freed before its 4-bit base
+    loads: never both in memory at once."""
+    return device == "cpu" and spec.quantization != "none"
 
 
 def train(
@@ -316,9 +322,12 @@ def train(
         hooks.event("info", "General replay is off: it replays chats, and this training data is text.")
         hp = hp.model_copy(update={"general_replay": 0})
 
+    first = replays_before_loading(spec, device)
+    replay = general_replay(spec, hp, None, tokenizer, device, models_dir, hooks, resume_from) if first else None
     set_seed(spec.seed)  # the adapter's initial weights
     base = load_base_model(spec, models_dir, device, gradient_checkpointing)
-    replay = general_replay(spec, hp, base, tokenizer, device, models_dir, hooks, resume_from)
+    if not first:
+        replay = general_replay(spec, hp, base, tokenizer, device, models_dir, hooks, resume_from)
     n_examples = len(train_data.rows)  # the team's; replayed answers are counted apart
     if replay is not None:
         set_seed(spec.seed)  # whatever generating drew, the adapter starts from the seed's weights
@@ -338,7 +347,8 @@ def train(
     callback = HooksCallback(hooks, evaluate, spec.eval_steps, spec.model, save_every_seconds, replay)
     trainer = build_trainer(spec, hp, model, tokenizer, train_data, training_collator(collator, model),
                             out_dir / "checkpoints", device, callback, valid_rows=valid_data.rows)
-    replayed = f" and {len(train_data.rows) - n_examples} replayed general answers" if replay is not None else ""
+    replayed = (f" and {len(train_data.rows) - n_examples} replayed general answers"
+                if replay is not None and not replay.skipped else "")
     hooks.event("info", f"Training {n_examples} examples{replayed} on {device}: {hp.n_epochs} epochs, batch {hp.batch_size} "
                 f"(micro-batch {hp.micro_batch_size} × {hp.gradient_accumulation_steps}); "
                 f"{compute}.")

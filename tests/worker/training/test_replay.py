@@ -126,6 +126,34 @@ def test_a_replay_that_fails_to_generate_is_a_warning_and_the_job_trains_on_its_
                         "of memory. Tried to allocate 2.00 GiB"]
 
 
+def test_a_job_resumed_after_its_replay_was_skipped_trains_on_its_data_alone(models_dir, tmp_path, monkeypatch):
+    """Resumed on a card where generating would succeed, the job keeps the rows its epochs began with: answering
+    anew would grow the data mid-job and move its epochs and steps."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr("worker.training.replay.generate_finished", out_of_memory)
+    spec = tiny_spec(general_replay=8, validation_fraction=0.0, n_epochs=2, save_steps=2)
+    train_file = write_jsonl(tmp_path / "train.jsonl", retail_chat_records(20))
+    checks = []
+    cut = train(spec, train_file, None, tmp_path / "cut",
+                TrainingHooks(should_stop=lambda: checks.append(1) or len(checks) >= 3), models_dir=models_dir)
+    checkpoint = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
+    assert cut.status == "cancelled" and json.loads((checkpoint / REPLAY_FILE).read_text())["skipped"] == (
+        "OutOfMemoryError: CUDA out of memory.")
+
+    monkeypatch.undo()  # generating works where the job resumes
+    events = []
+    resumed = train(spec, train_file, None, tmp_path / "resumed",
+                    TrainingHooks(on_event=lambda level, m: events.append((level, m))), models_dir=models_dir,
+                    resume_from=checkpoint)
+    assert resumed.status == "succeeded" and resumed.total_steps == cut.total_steps == 2 * 5
+    assert ("warn", "General replay was skipped in the attempt this job resumes from (OutOfMemoryError: CUDA out of "
+                    "memory.); it goes on training on its data alone, the rows its epochs began with.") in events
+    assert not any(m.startswith("General replay: the base answered") for _, m in events)
+    assert any(m.startswith("Training 20 examples on cpu") for _, m in events)
+
+
 @pytest.mark.slow
 def test_a_real_model_replays_its_own_finished_answers_trained_to_their_end_of_turn(smollm2_models_dir):
     from worker.training.model import load_full_precision_base
