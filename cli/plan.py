@@ -34,6 +34,8 @@ def register(sub) -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--no-packing", action="store_true", help="Pad micro-batches instead of packing examples.")
     parser.add_argument("--examples", type=int, help="Training examples (after the validation split).")
+    parser.add_argument("--text", action="store_true",
+                        help="The data is plain text ({\"text\": …} lines): no general replay is planned beside it.")
     parser.add_argument("--mean-tokens", type=float, help="Mean tokens per example: gives tokens and durations.")
     parser.add_argument("--max-tokens", type=int, help="Tokens of the longest example (default: max_seq_length).")
     parser.add_argument("--gpu-classes", help="NAME[:MEMORY_GIB[:TFLOPS]],... (default: LORAJOBS_GPU_CLASSES, else "
@@ -81,7 +83,7 @@ def cmd_plan(args) -> int:
         configured = args.gpu_classes or get_settings().gpu_classes  # the deployment's classes, as the API plans
         classes = parse_gpu_classes(configured) if configured else default_gpu_classes()
         plan = make_plan(config, spec, token_stats=_token_stats(args, spec), n_examples=args.examples,
-                         gpu_classes=classes)
+                         gpu_classes=classes, text_data=args.text)
     except LorajobsError as error:
         print(f"lorajobs: {error.message}")
         return 1

@@ -41,6 +41,14 @@ def test_a_bare_config_gets_a_table_with_counts_fit_and_duration(tmp_path):
     assert rows["gpu-24g"][2] == "yes" and rows["gpu-24g"][-1] in ("min", "h")  # a duration, e.g. "38.2 min"
     assert "Smallest class that fits: gpu-24g" in out
 
+    # The same as plain text, which is never replayed: 2,000 rows alone, 3 × ⌈2,000 / 16⌉ steps
+    text = lorajobs_plan("--config", str(config), "--quantization", "none", "--r", "8", "--target-modules",
+                         "q_proj,v_proj", "--max-seq-length", "512", "--examples", "2000", "--mean-tokens", "300",
+                         "--text", *GPUS)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "3 epochs of 2,000 examples, 1,800,000 tokens, 375 steps" in text.stdout
+    assert "General replay" not in text.stdout
+
 
 def test_json_says_13b_in_bf16_needs_the_48_gb_class(tmp_path):
     config = write_config(tmp_path / "13b", LLAMA_2_13B)
