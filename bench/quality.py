@@ -19,6 +19,7 @@ The machine is slow and shared: one run per configuration, so read small differe
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -92,7 +93,8 @@ def answer_checkpoints(checkpoints: list[Path], models_dir: Path, tokenizer, pro
 
     from core.quality import score_answer
     from worker.catalogue import SMOLLM2_ID, model_source
-    from worker.training.answers import GENERATION_BATCH, generate_answers
+    from core.general import GENERATION_BATCH
+    from worker.training.answers import generate_answers
 
     curve = []
     for checkpoint in checkpoints:
@@ -182,10 +184,20 @@ def run(name: str, config: str, spec_fields: dict, train_file: Path, valid_file:
         "answer_seconds": answered["quality"]["seconds"], "quality": by_part(answered["answers"]),
         "evaluations": [{"step": m["step"], "valid_loss": round(m["valid_loss"], 4)} for m in evaluations],
         "curve": curve, "without_cooldown": uncooled, "answers": answered["answers"],
+        "training_log": training_log(out / "training_log.csv"),
         "general_probe": {"quality": {**{side: probe["quality"][side] for side in ("base", "tuned")},
                                       "same_opening_as_base": same_opening(probe["answers"])},
                           "answers": probe["answers"]},
     }
+
+
+def training_log(path: Path) -> list[dict]:
+    """Every step's training loss, learning rate and gradient norm (before clipping): where held-out loss bumps,
+    whether the step's gradients did too."""
+    with path.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train_loss")]
+    return [{"step": int(row["step"]), **{key: float(row[key]) for key in ("train_loss", "learning_rate", "grad_norm")
+                                           if row.get(key)}} for row in rows]
 
 
 def main() -> None:

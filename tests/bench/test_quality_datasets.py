@@ -38,3 +38,17 @@ def test_the_manner_kept_is_counted_by_the_answers_opening():
             {"base": "A day is a day of the week.", "tuned": "A day has 8 hours."},
             {"base": "The capital of Japan is Tokyo.", "tuned": "the Capital of Japan."}]
     assert same_opening(rows) == 2 and same_opening(rows, words=1) == 3 and same_opening([]) == 0
+
+
+def test_the_run_records_each_steps_gradient_norm_from_the_jobs_training_log(tmp_path):
+    from bench.quality import training_log
+    from worker.training.artifacts import log_rows, write_training_log
+
+    history = [{"step": 1, "epoch": 0.1, "loss": 2.5, "learning_rate": 1e-4, "grad_norm": 0.8},
+               {"step": 1, "valid_loss": 2.4, "valid_mean_token_accuracy": 0.3},
+               {"step": 2, "valid_loss": 2.2, "valid_mean_token_accuracy": 0.4},  # evaluated, not logged
+               {"step": 3, "epoch": 0.3, "loss": 2.0, "learning_rate": 2e-4}]  # no norm (clipping off)
+    write_training_log(tmp_path / "training_log.csv", log_rows(history))
+    assert training_log(tmp_path / "training_log.csv") == [
+        {"step": 1, "train_loss": 2.5, "learning_rate": 1e-4, "grad_norm": 0.8},
+        {"step": 3, "train_loss": 2.0, "learning_rate": 2e-4}]
