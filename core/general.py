@@ -7,6 +7,11 @@ quoted words. The order mixes the kinds, so that any first few cover arithmetic,
 The list only grows at its end: the first N stay the same questions from release to release, so jobs compare.
 """
 
+# Generation's bounds, shared by the worker (worker/training/answers.py, replay.py) and the plan's duration: prompts
+# are answered GENERATION_BATCH at a time, and a replayed answer is at most REPLAY_MAX_NEW_TOKENS long.
+GENERATION_BATCH = 8
+REPLAY_MAX_NEW_TOKENS = 128
+
 GENERAL_QUESTIONS: list[tuple[str, str]] = [
     ("What is the capital of France?", 'The capital of France is "Paris".'),
     ("How many hours are in a day?", "A day has 24 hours."),

@@ -11,7 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from core.architectures import holds_4bit
-from core.planning.compute import QUANTIZED_SPEED, GpuClass, default_gpu_classes, flops_per_token
+from core.general import GENERATION_BATCH, REPLAY_MAX_NEW_TOKENS
+from core.planning.compute import (
+    GENERATION_SHARE, QUANTIZED_SPEED, GpuClass, default_gpu_classes, flops_per_token, forward_flops_per_token,
+)
 from core.planning.memory import GIB, MemoryBreakdown, TrainingSetup, estimate_memory, worker_optimizer
 from core.planning.params import AdapterCounts, ModelShape, UnsupportedModel, adapter_counts, model_shape
 from core.spec import ResolvedHyperparameters, JobSpec, model_width, resolve_auto
@@ -41,7 +44,10 @@ class ClassPlan(BaseModel):
     memory: MemoryBreakdown | None = Field(None, description="Predicted peak memory by part, bytes")
     utilisation: float | None = Field(None, description="Model FLOPs utilisation assumed for the duration")
     tokens_per_second: float | None = None
-    duration_seconds: float | None = Field(None, description="Estimated training time; null without a token count")
+    duration_seconds: float | None = Field(None, description="Estimated run time: training, and general replay's "
+                                                              "answering before it; null without a token count")
+    replay_seconds: float | None = Field(None, description="Of the duration, the base answering general replay's "
+                                                           "prompts before training")
 
 
 class Plan(BaseModel):
@@ -144,8 +150,24 @@ def _duration(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, gpu: Gpu
     return tokens_per_second, training_tokens / tokens_per_second
 
 
+def _replay_seconds(shape: ModelShape, spec: JobSpec, gpu: GpuClass, memory: MemoryBreakdown, replayed: int) -> float:
+    """The base's greedy answers to `replayed` prompts before training (worker/training/replay.py): batches of
+    GENERATION_BATCH rows, each REPLAY_MAX_NEW_TOKENS steps at most (a batch runs until its last row finishes). A step
+    computes a token a row, at GENERATION_SHARE of training's utilisation, and on a GPU reads every weight once."""
+    if not replayed:
+        return 0.0
+    rows = min(replayed, GENERATION_BATCH)
+    # a 4-bit job generates on its 4-bit base on a GPU, on the full-precision base on the CPU (no 4-bit inference there)
+    quantized = spec.quantization != "none" and gpu.device == "cuda"
+    speed = gpu.tflops * 1e12 * gpu.utilisation * GENERATION_SHARE * (QUANTIZED_SPEED["cuda"] if quantized else 1)
+    step = rows * forward_flops_per_token(shape) / speed
+    if gpu.memory_bandwidth_gbs:
+        step = max(step, (memory.quantized_weights + memory.full_precision_weights) / (gpu.memory_bandwidth_gbs * 1e9))
+    return math.ceil(replayed / GENERATION_BATCH) * REPLAY_MAX_NEW_TOKENS * step
+
+
 def _plan_class(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, hp: ResolvedHyperparameters,
-                gpu: GpuClass, lengths: Lengths, training_tokens: int | None) -> ClassPlan:
+                gpu: GpuClass, lengths: Lengths, training_tokens: int | None, replayed: int = 0) -> ClassPlan:
     """The largest micro-batch that fits, without gradient checkpointing if any does (it costs a third forward)."""
     candidates = _micro_batch_candidates(hp)
     # 4-bit or not, recomputing activations only pays where memory needs it; a spec may fix the choice.
@@ -159,11 +181,16 @@ def _plan_class(shape: ModelShape, adapter: AdapterCounts, spec: JobSpec, hp: Re
             break
     fits = memory.peak <= capacity
     tokens_per_second, seconds = _duration(shape, adapter, spec, gpu, micro, checkpointing, lengths, training_tokens)
+    replay_seconds = None
+    if seconds is not None:
+        replay_seconds = _replay_seconds(shape, spec, gpu, memory, replayed)
+        seconds += replay_seconds
     return ClassPlan(
         name=gpu.name, device=gpu.device, memory_gib=gpu.memory_gib, fits=fits, micro_batch_size=micro,
         gradient_accumulation_steps=hp.batch_size // micro, gradient_checkpointing=checkpointing,
         optimizer=setup.optimizer, tokens_per_micro_batch=setup.tokens, memory=memory,
         utilisation=gpu.utilisation, tokens_per_second=tokens_per_second, duration_seconds=seconds,
+        replay_seconds=replay_seconds,
     )
 
 
@@ -323,7 +350,7 @@ def _make_plan(config: dict, spec: JobSpec, token_stats: dict | None, n_examples
                     **common)
     adapter = adapter_counts(shape, config, spec.lora)
     total = shape.base_parameters + adapter.parameters
-    classes = [_plan_class(shape, adapter, spec, hp, gpu, lengths, training_tokens) for gpu in gpu_classes]
+    classes = [_plan_class(shape, adapter, spec, hp, gpu, lengths, training_tokens, replayed) for gpu in gpu_classes]
     best = _smallest_fitting(classes)
     return Plan(
         model_type=shape.model_type, trainable_parameters=adapter.parameters, total_parameters=total,
@@ -339,5 +366,5 @@ def _replay_notes(replayed: int, n_examples: int | None) -> list[str]:
     if not replayed:
         return []
     return [f"General replay: up to {replayed} answers of the base to built-in general prompts train beside the "
-            f"{n_examples} examples every epoch (docs/job-spec.md); the steps and tokens count them, the duration "
-            f"not the base's answering them before training."]
+            f"{n_examples} examples every epoch (docs/job-spec.md); the steps and tokens count them, and the "
+            f"duration the base's answering them before training (`replay_seconds`)."]

@@ -271,7 +271,11 @@ def test_token_statistics_give_tokens_steps_and_a_duration_per_class():
     assert all(d > 0 for d in durations)
     assert durations[-1] < durations[0]  # an H200 beats an L4
     on_24 = plan.classes[0]
-    assert on_24.tokens_per_second == pytest.approx(plan.training_tokens / on_24.duration_seconds)
+    # the duration is training's and, before it, the base answering replay's 64 prompts
+    assert 0 < on_24.replay_seconds < 0.05 * on_24.duration_seconds
+    assert on_24.tokens_per_second == pytest.approx(plan.training_tokens /
+                                                    (on_24.duration_seconds - on_24.replay_seconds))
+    assert all(c.replay_seconds == 0 for c in text.classes)
 
 
 def test_packed_rows_attend_per_example_so_the_micro_batch_does_not_lengthen_attention():
@@ -391,6 +395,31 @@ def test_the_cpu_is_a_class_of_its_own_and_comes_after_the_gpus():
     # DESIGN.md measured 3.2 GB peak RSS for this job (LoRA q/v, batch 8, examples up to 128 tokens)
     assert 2.5 * GB < on_cpu.memory.peak < 4.0 * GB
     assert make_plan(smollm2, spec, gpu_classes=cpu).smallest_fitting_class == "cpu"
+
+
+def test_general_replays_answering_is_planned_as_measured_on_a_cpu_and_bound_by_bandwidth_on_a_gpu():
+    smollm2 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
+    stats = {"count": 288, "total": 288 * 60, "min": 40, "mean": 60.0, "p95": 80, "max": 90}
+    spec = JobSpec(model="HuggingFaceTB/SmolLM2-135M-Instruct", quantization="none", max_seq_length=256)
+    # the 2-core EPYC of docs/benchmarks.md: the base answered 36 prompts in 75 s in float32 there
+    two_cores = parse_gpu_classes("cpu:24:0.32")
+    plan = make_plan(smollm2, spec, token_stats=stats, gpu_classes=two_cores)
+    assert plan.replayed_examples == 36 and 50 < plan.classes[0].replay_seconds < 110
+    # a 16-bit 7B on an L4-class GPU reads its 13.5 GB of weights each step: 64 prompts, 8 batches of 128 steps,
+    # bound by 300 GB/s rather than by its FLOPs; a 4-bit 70B on an A100-class GPU by its FLOPs, dequantizing
+    for config, model, quantization, name in ((LLAMA_2_7B, "llama-2-7b", "none", "gpu-24g"),
+                                              (LLAMA_2_70B, "llama-2-70b", "nf4", "gpu-80g")):
+        gpu = GPU_CLASSES[name]
+        plan = make_plan(config, JobSpec(model=model, quantization=quantization, max_seq_length=1024),
+                         token_stats={**stats, "count": 900}, gpu_classes=[gpu])
+        on_gpu = plan.classes[0]
+        read = 8 * 128 * (on_gpu.memory.quantized_weights + on_gpu.memory.full_precision_weights) / 1e9
+        assert plan.replayed_examples == 64 and on_gpu.fits
+        if quantization == "none":
+            assert on_gpu.replay_seconds == pytest.approx(read / gpu.memory_bandwidth_gbs)
+        else:
+            assert 2 * read / gpu.memory_bandwidth_gbs < on_gpu.replay_seconds < 120
 
 
 def test_the_planner_imports_no_torch():

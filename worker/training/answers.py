@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from functools import partial
 
 from core.datasets.formats import Example
-from core.general import GENERAL_QUESTIONS
+from core.general import GENERAL_QUESTIONS, GENERATION_BATCH
 from core.quality import score_answer, summarize
 from worker.training.data import end_of_turn_tokens, render_chat
 from worker.training.evaluate import eval_mode
 from worker.training.hooks import TrainingHooks
 
-GENERATION_BATCH = 8
 MIN_BUDGET_SECONDS = 60.0  # a short job still gets a useful sample
 BUDGET_SHARE_OF_TRAINING = 0.25  # a long job spends at most a quarter of its training time more on answers
 GENERAL_MAX_NEW_TOKENS = 64  # a general question's fact comes early even in a rambling answer; half the default cost

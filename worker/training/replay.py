@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.datasets.formats import Example, Turn, to_example
-from core.general import REPLAY_PROMPTS
-from worker.training.answers import GENERATION_BATCH, HeldOutPrompt, generate_finished
+from core.general import GENERATION_BATCH, REPLAY_MAX_NEW_TOKENS, REPLAY_PROMPTS
+from worker.training.answers import HeldOutPrompt, generate_finished
+from worker.training.data import messages_of
 from worker.training.evaluate import eval_mode
 
-REPLAY_MAX_NEW_TOKENS = 128
 REPLAY_FILE = "general_replay.json"
 
 
@@ -53,8 +53,7 @@ class Replay:
 
     def save(self, folder: Path) -> None:
         """Write the replayed chats into a checkpoint `folder`, in the OpenAI chat format of the training data."""
-        chats = [{"messages": [{"role": turn.role, "content": turn.content} for turn in example.turns]}
-                 for example in self.examples]
+        chats = [{"messages": messages_of(example.turns)} for example in self.examples]
         record = {"asked": self.asked, "seconds": self.seconds, "chats": chats, "skipped": self.skipped}
         (Path(folder) / REPLAY_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
