@@ -190,12 +190,13 @@ def tokenizer_models_dir(settings, storage, model_id: str) -> Path:
     without writing to a models folder that a deployment mounts read-only (docker-compose.yml)."""
     from worker.gc import work_root
 
-    files = catalogue_files(settings, model_id)
     local = settings.models_dir / model_id
-    if (local / "config.json").is_file():
-        marker = _read_marker(local)
-        if files is None or not marker or marker.get("files") == files:  # a local folder, or the current download
-            return settings.models_dir
+    marker = _read_marker(local) if (local / "config.json").is_file() else None
+    if marker == {}:  # a local folder (no cache marker): the catalogue is not asked
+        return settings.models_dir
+    files = catalogue_files(settings, model_id)
+    if marker and (files is None or marker.get("files") == files):  # the current download
+        return settings.models_dir
     if files is None:
         return settings.models_dir
     wanted = [f for f in files if not f["path"].endswith(WEIGHT_SUFFIXES) and f["bytes"] <= TOKENIZER_FILE_LIMIT]

@@ -56,7 +56,8 @@ class Rendered:
     append_eos: bool  # the template closes the final trained turn with no end-of-turn token: EOS is appended
 
 
-def _messages(turns) -> list[dict]:
+def messages_of(turns) -> list[dict]:
+    """A chat's turns as OpenAI chat messages."""
     return [{"role": t.role, "content": t.content} for t in turns]
 
 
@@ -136,7 +137,7 @@ def render_example(example: Example, tokenizer) -> Rendered:
     """
     if example.kind == "text":
         return Rendered(example.text, [(0, len(example.text))], add_special_tokens=True, append_eos=True)
-    text = render_chat(_messages(example.turns), tokenizer)
+    text = render_chat(messages_of(example.turns), tokenizer)
     end_tokens = end_of_turn_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
     cursor = 0
