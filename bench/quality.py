@@ -13,7 +13,8 @@ they show whether answering outside the domain survives.
 `--curve K` also answers with every K-th epoch's checkpoint (and the last), so one run shows how held-out loss and
 stated facts move with training; the held-out loss of every epoch is recorded in any case. Every checkpoint is kept,
 and when early stopping cooled the rate before stopping, the checkpoint an immediate stop would have delivered is
-answered too (`without_cooldown`): the run is identical up to that point.
+answered too (`without_cooldown`): the run is identical up to that point. Each run also records every step's
+training loss, learning rate and gradient norm before clipping (`training_log`).
 
 The machine is slow and shared: one run per configuration, so read small differences as noise.
 """
